@@ -1,0 +1,112 @@
+"""Turn a validated :class:`RunConfig` into live objects: data, models, distiller, trainer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import data as D
+from . import models
+from .config import RunConfig
+from .distiller import Distiller, Term
+from .errors import ConfigError
+from .io import load_into
+from .train import TrainConfig, Trainer
+
+
+def load_splits(cfg: RunConfig) -> dict[str, D.Dataset]:
+    d = cfg.data
+    common = dict(root=d.root, img_size=d.img_size, split_seed=d.split_seed)
+    return {
+        "train": D.load(d.name, "train", labelled=d.labelled, **common),
+        "val": D.load(d.name, "val", **common),
+        "test": D.load(d.name, "test", **common),
+    }
+
+
+def make_model(spec, field: str, data: D.Dataset, *, checkpoint: bool = True):
+    kwargs = {
+        "num_classes": data.num_classes,
+        "in_channels": data.input_shape[0],
+        "img_size": data.input_shape[1],
+        **spec.kwargs(),
+    }
+    model = models.create(spec.model, field=field, **kwargs)
+    if checkpoint and spec.checkpoint:
+        load_into(model, spec.checkpoint, f"{field}.checkpoint")
+    return model
+
+
+def make_terms(cfg: RunConfig) -> list[Term]:
+    terms = []
+    for i, t in enumerate(cfg.terms):
+        params = dict(t.model_extra or {})
+        try:
+            terms.append(
+                Term(
+                    t.loss,
+                    student=t.student,
+                    teacher=t.teacher,
+                    projector=t.projector,
+                    projector_params=t.projector_params,
+                    weight=t.weight,
+                    warmup=t.warmup,
+                    name=t.name,
+                    teacher_model=t.teacher_model,
+                    **params,
+                )
+            )
+        except ConfigError as e:
+            raise ConfigError(f"terms.{i}.{e.field.split('.')[-1]}", e.value, e.allowed) from None
+    return terms
+
+
+def make_distiller(cfg: RunConfig, splits: dict[str, D.Dataset]) -> Distiller:
+    train = splits["train"]
+    teacher = None
+    if cfg.teacher is not None:
+        if not cfg.teacher.checkpoint:
+            raise ConfigError(
+                "teacher.checkpoint",
+                None,
+                "a trained teacher's .safetensors file "
+                "(train one first with a config that has no teacher)",
+            )
+        teacher = make_model(cfg.teacher, "teacher", train)
+    student = make_model(cfg.student, "student", train)
+    terms = make_terms(cfg)
+    needs_teacher = [t.name for t in terms if t.teacher]
+    if needs_teacher and teacher is None:
+        raise ConfigError(
+            "teacher",
+            None,
+            f"terms {needs_teacher} need a teacher; add a teacher "
+            "section or use label-only terms (ce)",
+        )
+    return Distiller(student, teacher, terms, num_samples=int(train.idx.max()) + 1)
+
+
+def train_config(cfg: RunConfig) -> TrainConfig:
+    t = cfg.train.model_dump()
+    t["milestones"] = tuple(t["milestones"])
+    return TrainConfig(
+        batch_size=cfg.data.batch_size,
+        augment_shift=cfg.data.augment.shift,
+        augment_flip=cfg.data.augment.flip,
+        **t,
+    )
+
+
+def make_trainer(cfg: RunConfig, out_dir: str | Path | None = None, **overrides) -> Trainer:
+    """Everything checked and built; nothing trained yet. ``trainer.fit()`` trains."""
+    splits = load_splits(cfg)
+    distiller = make_distiller(cfg, splits)
+    tc = train_config(cfg)
+    for k, v in overrides.items():
+        setattr(tc, k, v)
+    return Trainer(
+        distiller, splits["train"], splits["val"], splits["test"], config=tc, out_dir=out_dir
+    )
+
+
+def default_out_dir(cfg: RunConfig) -> Path:
+    return Path(cfg.out_dir or f"runs/{cfg.name or cfg.digest()}")

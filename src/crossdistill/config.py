@@ -1,0 +1,207 @@
+"""YAML run configs, validated by pydantic models that mirror the Python API one to one.
+
+``teacher``/``student`` -> ``models.create`` (+ ``checkpoint``), ``data`` -> ``data.load``,
+``terms`` -> :class:`Term`, ``train`` -> :class:`TrainConfig`. Validation turns every problem
+into one :class:`ConfigError` naming the field, the value and what is allowed, before any
+training starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import ConfigError
+from .registry import DATASETS, LOSSES, MODELS, PROJECTORS
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSpec(BaseModel):
+    """A zoo model: ``model`` is its registered name, other keys are its arguments."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str
+    checkpoint: str | None = None
+
+    @field_validator("model")
+    @classmethod
+    def _known(cls, v):
+        MODELS.get(v, "model")
+        return v
+
+    def kwargs(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class AugmentSpec(_Strict):
+    shift: int = Field(0, ge=0, le=8)
+    flip: bool = False
+
+
+class DataSpec(_Strict):
+    name: str = "digits"
+    root: str | None = None
+    batch_size: int = Field(64, ge=1)
+    img_size: int | None = Field(None, ge=4)
+    labelled: int | None = Field(None, ge=1)
+    split_seed: int = 0
+    augment: AugmentSpec = AugmentSpec()
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v):
+        DATASETS.get(v, "name")
+        return v
+
+
+class TermSpec(BaseModel):
+    """One term; keys beyond the named ones are the loss's hyper-parameters."""
+
+    model_config = ConfigDict(extra="allow")
+    loss: str
+    student: str | list[str] = "logits"
+    teacher: str | list[str] | None = "default"
+    projector: str | None = None
+    projector_params: dict[str, Any] = {}
+    weight: float | None = Field(None, ge=0)
+    warmup: float = Field(0.0, ge=0)
+    name: str | None = None
+    teacher_model: str | None = None
+
+    @field_validator("loss")
+    @classmethod
+    def _known_loss(cls, v):
+        LOSSES.get(v, "loss")
+        return v
+
+    @field_validator("projector")
+    @classmethod
+    def _known_projector(cls, v):
+        if v is not None and v != "auto":
+            PROJECTORS.get(v, "projector")
+        return v
+
+
+class TrainSpec(_Strict):
+    epochs: int = Field(10, ge=1)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = True
+    weight_decay: float = Field(5e-4, ge=0)
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    warmup_epochs: float = Field(0.0, ge=0)
+    milestones: list[float] = [0.5, 0.75]
+    gamma: float = Field(0.1, gt=0)
+    grad_clip: float | None = Field(None, gt=0)
+    accumulate: int = Field(1, ge=1)
+    amp: bool = False
+    seed: int = 0
+    device: str = "cpu"
+    checkpoint_every: int = Field(0, ge=0)
+    eval_batch_size: int = Field(512, ge=1)
+    progress: bool = True
+
+
+class RunConfig(_Strict):
+    name: str | None = None
+    out_dir: str | None = None
+    teacher: ModelSpec | None = None
+    student: ModelSpec
+    data: DataSpec = DataSpec()
+    terms: list[TermSpec] = Field(default_factory=lambda: [TermSpec(loss="ce")], min_length=1)
+    train: TrainSpec = TrainSpec()
+
+    def digest(self) -> str:
+        """Short hash of the resolved config (cache keys, run names)."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def _pydantic_error(err: ValidationError, root: str = "") -> ConfigError:
+    e = err.errors()[0]
+    loc = ".".join(str(p) for p in e["loc"])
+    field = f"{root}.{loc}" if root and loc else (loc or root or "config")
+    ctx = e.get("ctx", {}) or {}
+    if isinstance(ctx.get("error"), ConfigError):  # a registry lookup inside a validator
+        inner = ctx["error"]
+        return ConfigError(field, inner.value, inner.allowed)
+    msg = e["msg"].replace("Value error, ", "")
+    if e["type"] == "extra_forbidden":
+        msg = "unknown setting; check the spelling (see the README's config section)"
+    more = len(err.errors()) - 1
+    return ConfigError(
+        field, e.get("input"), msg + (f" (and {more} more problem(s))" if more else "")
+    )
+
+
+def validate(raw: dict) -> RunConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            "config", type(raw).__name__, "a YAML mapping with student, data, terms, train"
+        )
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise _pydantic_error(err) from None
+
+
+def set_path(raw: dict, dotted: str, value: Any) -> None:
+    """Apply one ``--set a.b.c=value`` override (``terms.1.weight`` indexes lists)."""
+    keys = dotted.split(".")
+    node: Any = raw
+    for i, k in enumerate(keys[:-1]):
+        if isinstance(node, list):
+            if not k.isdigit() or int(k) >= len(node):
+                raise ConfigError("--set", dotted, f"{'.'.join(keys[:i])} has {len(node)} items")
+            node = node[int(k)]
+        else:
+            node = node.setdefault(k, {})
+            if node is None:
+                node = raw[k] = {}
+    last = keys[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ConfigError("--set", dotted, f"index out of range (list has {len(node)} items)")
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
+    out = []
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError("--set", item, "use key.path=value, e.g. train.lr=0.1")
+        key, val = item.split("=", 1)
+        out.append((key.strip(), yaml.safe_load(val)))
+    return out
+
+
+def load(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config (safe loader: plain data only, no tags), apply ``--set`` overrides."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("config", str(path), "file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError("config", str(path), f"not valid YAML ({err})") from None
+    for key, val in parse_overrides(overrides or []):
+        set_path(raw, key, val)
+    cfg = validate(raw)
+    if cfg.name is None:
+        cfg.name = path.stem
+    return cfg
+
+
+def dump(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json", exclude_none=True), sort_keys=False)

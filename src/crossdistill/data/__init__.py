@@ -1,0 +1,123 @@
+"""Real data, offline: sklearn's digits (embedded) and MNIST from standard IDX files.
+
+``load(name, split=...)`` returns a :class:`Dataset` of one split. Splits are fixed, seeded
+(``split_seed``, default 0, independent of the training seed) and stratified:
+
+* ``digits`` (1,797 images, 8x8): train 1,077 / val 360 / test 360.
+* ``mnist`` from the 10,000-image test set alone (what ships offline): train 6,000 /
+  val 2,000 / test 2,000. If the directory also holds the official ``train-*`` files, the
+  official 60k train set is split 55,000 / 5,000 into train / val and the 10k set is test.
+
+Inputs are normalised with the train split's mean and std. ``labelled=k`` keeps labels on a
+stratified ``k`` training samples and sets the rest to -1 (unlabelled, for KD with few labels).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import ConfigError
+from ..registry import DATASETS
+from . import sources
+from .dataset import Batches, Dataset
+from .splits import stratified_split
+
+SPLITS = ("train", "val", "test")
+
+__all__ = ["Batches", "Dataset", "load", "names", "stratified_split", "SPLITS"]
+
+
+@DATASETS.register(
+    "digits",
+    description="scikit-learn 8x8 digits, 1,797 images, embedded",
+    sizes={"train": 1077, "val": 360, "test": 360},
+)
+def _digits(root=None):
+    x, y = sources.digits()
+    return {"all": (x, y)}
+
+
+@DATASETS.register(
+    "mnist",
+    description="MNIST from IDX files (default ../shared/data/mnist-t10k)",
+    sizes={"train": 6000, "val": 2000, "test": 2000},
+)
+def _mnist(root=None):
+    return sources.mnist(root)
+
+
+def names() -> list[str]:
+    return DATASETS.names()
+
+
+def _split_ids(name: str, parts: dict, split_seed: int):
+    """(x, y, ids) of every split; ids index the concatenation of the raw parts."""
+    if "train" in parts and "t10k" in parts:  # the official MNIST layout
+        (xtr, ytr), (xte, yte) = parts["train"], parts["t10k"]
+        s = stratified_split(ytr, {"val": 5000, "train": len(ytr) - 5000}, split_seed)
+        x, y = np.concatenate([xtr, xte]), np.concatenate([ytr, yte])
+        s["test"] = np.arange(len(ytr), len(ytr) + len(yte))
+        return x, y, s
+    x, y = next(iter(parts.values()))
+    sizes = dict(DATASETS.meta(name)["sizes"])
+    if sum(sizes.values()) > len(y):  # a smaller user copy: keep the proportions
+        frac = len(y) / sum(sizes.values())
+        sizes = {k: int(v * frac) for k, v in sizes.items()}
+    order = {"test": sizes["test"], "val": sizes["val"], "train": sizes["train"]}
+    return x, y, stratified_split(y, order, split_seed)
+
+
+def load(
+    name: str,
+    split: str = "train",
+    *,
+    root: str | None = None,
+    img_size: int | None = None,
+    split_seed: int = 0,
+    labelled: int | None = None,
+    normalize: bool = True,
+    limit: int | None = None,
+) -> Dataset:
+    """One split of a registered dataset, as tensors, normalised with the train statistics."""
+    reader = DATASETS.get(name, "data.name")
+    if split not in SPLITS:
+        raise ConfigError("data.split", split, f"allowed: {', '.join(SPLITS)}")
+    x, y, ids = _split_ids(name, reader(root=root), split_seed)
+    train_x = x[ids["train"]]
+    mean, std = float(train_x.mean()), float(train_x.std())
+    sel = ids[split]
+    if limit is not None:
+        keep = stratified_split(y[sel], {"keep": min(limit, len(sel))}, split_seed)["keep"]
+        sel = sel[keep]
+    xs = torch.from_numpy(np.ascontiguousarray(x[sel]))
+    if img_size is not None and tuple(xs.shape[-2:]) != (img_size, img_size):
+        xs = F.interpolate(xs, size=(img_size, img_size), mode="bilinear", align_corners=False)
+    if normalize:
+        xs = (xs - mean) / std
+    ys = torch.from_numpy(y[sel].copy())
+    if labelled is not None and split == "train":
+        if not 0 < labelled <= len(ys):
+            raise ConfigError("data.labelled", labelled, f"must be in 1..{len(ys)}")
+        keep = stratified_split(ys.numpy(), {"keep": labelled}, split_seed + 1)["keep"]
+        mask = torch.ones(len(ys), dtype=torch.bool)
+        mask[torch.from_numpy(keep)] = False
+        ys[mask] = -1
+    info = {
+        "mean": mean,
+        "std": std,
+        "split_seed": split_seed,
+        "root": root,
+        "img_size": img_size,
+        "labelled": labelled,
+    }
+    return Dataset(
+        xs.float().contiguous(),
+        ys,
+        torch.from_numpy(sel.astype(np.int64)),
+        name,
+        split,
+        int(y.max()) + 1,
+        info,
+    )

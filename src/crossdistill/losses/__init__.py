@@ -1,0 +1,29 @@
+"""Distillation losses. Importing this package registers every loss in ``LOSSES``.
+
+Pure losses are functions ``loss(s, t, *, hyper=...) -> scalar``; stateful ones (``crd``,
+``reviewkd``) are ``nn.Module`` classes registered with ``stateful=True`` that the distiller
+instantiates with the tapped shapes and trains alongside the student.
+"""
+
+from .contrastive import CRDLoss
+from .features import at, cosine, l1, mse, smooth_l1
+from .logits import ce, dist, dkd, kd
+from .relations import pkt, rkd, sp
+from .review import ReviewKDLoss
+
+__all__ = [
+    "CRDLoss",
+    "ReviewKDLoss",
+    "at",
+    "ce",
+    "cosine",
+    "dist",
+    "dkd",
+    "kd",
+    "l1",
+    "mse",
+    "pkt",
+    "rkd",
+    "smooth_l1",
+    "sp",
+]

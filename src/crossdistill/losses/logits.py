@@ -1,0 +1,187 @@
+"""Losses on class logits: supervised cross-entropy, KD, DKD and DIST.
+
+All functions take student logits ``s`` and teacher logits ``t`` of shape (B, K) and return a
+scalar averaged over the batch. Softmaxes run in at least float32 (half inputs are upcast),
+because a bf16 softmax at temperature 4 loses most of the "dark knowledge" in the tail.
+The teacher is always detached. None of these multiplies its own term weight; the weight a
+paper recommends is registered as ``default_weight``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..errors import ConfigError
+from ..registry import LOSSES
+from .features import _pair, _upcast
+
+_MASK = 1000.0  # subtracted from the target logit so it vanishes from the NCKD softmax
+
+
+def _check_temperature(name: str, temperature: float) -> None:
+    if not temperature > 0:
+        raise ConfigError(f"{name}.temperature", temperature, "must be a positive number")
+
+
+def _check_logits(name: str, s: Tensor, t: Tensor) -> None:
+    if s.dim() != 2 or s.shape != t.shape:
+        raise ConfigError(
+            f"{name}.inputs",
+            f"student {tuple(s.shape)} vs teacher {tuple(t.shape)}",
+            "both must be (batch, classes) logits with the same number of classes",
+        )
+
+
+def _soft_kl(log_p_s: Tensor, p_t: Tensor) -> Tensor:
+    """KL(p_t || p_s) summed over classes, averaged over the batch ("batchmean")."""
+    return F.kl_div(log_p_s, p_t, reduction="batchmean")
+
+
+@LOSSES.register(
+    "ce",
+    paper="Rethinking the Inception Architecture for Computer Vision (label smoothing)",
+    year=2016,
+    inputs="labels",
+    default_weight=1.0,
+)
+def ce(s: Tensor, t: Tensor | None = None, *, y: Tensor, label_smoothing: float = 0.0) -> Tensor:
+    """Cross-entropy of the student logits against hard labels; the teacher is ignored.
+
+    Implements ``-1/B sum_i sum_k q_ik log softmax(s_i)_k`` with ``q = (1-eps) onehot(y) +
+    eps/K`` (label smoothing, Christian Szegedy et al., 2016; ``eps=0`` is plain CE).
+
+    Shapes: ``s`` (B, K) logits, ``y`` (B,) integer class indices; ``y == -1`` marks an
+    unlabelled sample (few-label training), which is left out of the mean. Default weight 1.0.
+    """
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ConfigError("ce.label_smoothing", label_smoothing, "must be in [0, 1)")
+    y = y.long()
+    if not (y >= 0).any():  # a batch with no labels: zero loss, but keep the graph
+        return s.sum() * 0.0
+    return F.cross_entropy(_upcast(s), y, label_smoothing=label_smoothing, ignore_index=-1)
+
+
+@LOSSES.register(
+    "kd",
+    paper="Distilling the Knowledge in a Neural Network",
+    year=2015,
+    inputs="logits",
+    default_weight=0.9,
+)
+def kd(s: Tensor, t: Tensor, *, temperature: float = 4.0) -> Tensor:
+    """Soft-target distillation (Geoffrey Hinton, Oriol Vinyals, Jeff Dean, 2015).
+
+    ``L = T^2 * 1/B sum_i KL( softmax(t_i/T) || softmax(s_i/T) )``. The ``T^2`` keeps the
+    gradient scale independent of ``T`` (the paper's argument), so the term weight need not be
+    re-tuned when ``T`` changes.
+
+    Shapes: ``s``, ``t`` (B, K) logits. Default T=4; recommended term weight 0.9 (with CE at 0.1,
+    the CIFAR-100 setting of the CRD benchmark).
+    """
+    _check_temperature("kd", temperature)
+    _check_logits("kd", s, t)
+    s, t = _pair(s, t)
+    log_p_s = F.log_softmax(s / temperature, dim=1)
+    p_t = F.softmax(t / temperature, dim=1)
+    return _soft_kl(log_p_s, p_t) * temperature**2
+
+
+def _binary_target_kl(s: Tensor, t: Tensor, onehot: Tensor, temperature: float) -> Tensor:
+    """TCKD: KL between the binary distributions [p_target, 1 - p_target] of teacher/student."""
+    p_s = F.softmax(s / temperature, dim=1)
+    p_t = F.softmax(t / temperature, dim=1)
+    b_s = torch.stack([(p_s * onehot).sum(1), (p_s * (1 - onehot)).sum(1)], dim=1)
+    b_t = torch.stack([(p_t * onehot).sum(1), (p_t * (1 - onehot)).sum(1)], dim=1)
+    return _soft_kl(torch.log(b_s), b_t)
+
+
+def _non_target_kl(s: Tensor, t: Tensor, onehot: Tensor, temperature: float) -> Tensor:
+    """NCKD: KL over the non-target classes, renormalised by masking the target logit."""
+    log_p_s = F.log_softmax(s / temperature - _MASK * onehot, dim=1)
+    p_t = F.softmax(t / temperature - _MASK * onehot, dim=1)
+    return _soft_kl(log_p_s, p_t)
+
+
+@LOSSES.register(
+    "dkd",
+    paper="Decoupled Knowledge Distillation",
+    year=2022,
+    inputs="logits",
+    default_weight=1.0,
+)
+def dkd(
+    s: Tensor,
+    t: Tensor,
+    *,
+    y: Tensor,
+    alpha: float = 1.0,
+    beta: float = 8.0,
+    temperature: float = 4.0,
+) -> Tensor:
+    """Decoupled KD (Borui Zhao, Quan Cui, Renjie Song, Yiyu Qiu, Jiajun Liang, CVPR 2022).
+
+    KD splits into target-class KD and non-target-class KD; DKD weights them separately:
+    ``L = T^2 * (alpha * TCKD + beta * NCKD)`` with
+    ``TCKD = KL([p_y^t, 1-p_y^t] || [p_y^s, 1-p_y^s])`` and
+    ``NCKD = KL(p_hat^t || p_hat^s)``, where ``p_hat`` is the softmax over the classes other
+    than ``y`` (computed by subtracting 1000 from the target logit before the softmax).
+    Both KLs are averaged over the batch. Classic KD equals ``TCKD + (1 - p_y^t) NCKD``.
+
+    Shapes: ``s``, ``t`` (B, K) logits, ``y`` (B,) labels. Defaults alpha=1, beta=8, T=4
+    (CIFAR-100). Term weight 1.0; the paper ramps the DKD term linearly over the first 20
+    epochs -- that warm-up is a term-weight schedule, configured outside this function.
+    """
+    _check_temperature("dkd", temperature)
+    _check_logits("dkd", s, t)
+    s, t = _pair(s, t)
+    onehot = F.one_hot(y.long(), s.shape[1]).to(s.dtype)
+    tckd = _binary_target_kl(s, t, onehot, temperature)
+    nckd = _non_target_kl(s, t, onehot, temperature)
+    return (alpha * tckd + beta * nckd) * temperature**2
+
+
+def _mean_pearson(a: Tensor, b: Tensor, eps: float = 1e-8) -> Tensor:
+    """Mean over rows of the Pearson correlation between matching rows of ``a`` and ``b``."""
+    a = a - a.mean(dim=1, keepdim=True)
+    b = b - b.mean(dim=1, keepdim=True)
+    corr = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1) + eps)
+    return corr.mean()
+
+
+@LOSSES.register(
+    "dist",
+    paper="Knowledge Distillation from A Stronger Teacher",
+    year=2022,
+    inputs="logits",
+    default_weight=1.0,
+)
+def dist(
+    s: Tensor,
+    t: Tensor,
+    *,
+    beta: float = 1.0,
+    gamma: float = 1.0,
+    temperature: float = 4.0,
+) -> Tensor:
+    """DIST (Tao Huang, Shan You, Fei Wang, Chen Qian, Chang Xu, NeurIPS 2022).
+
+    Matches *relations* instead of exact probabilities, so a much stronger teacher's sharper
+    outputs need not be reproduced exactly. With ``Y = softmax(Z / T)`` row-wise:
+    ``inter = 1 - 1/B sum_i rho(Y^s_i,:, Y^t_i,:)`` (per sample, across classes),
+    ``intra = 1 - 1/K sum_k rho(Y^s_:,k, Y^t_:,k)`` (per class, across the batch),
+    ``L = T^2 * (beta * inter + gamma * intra)``, where rho is the Pearson correlation
+    (with eps=1e-8 in the denominator).
+
+    Shapes: ``s``, ``t`` (B, K) logits, B >= 2 for a meaningful intra term.
+    Defaults beta=gamma=1, T=4 (the paper's ImageNet setting); term weight 1.0.
+    """
+    _check_temperature("dist", temperature)
+    _check_logits("dist", s, t)
+    s, t = _pair(s, t)
+    p_s = F.softmax(s / temperature, dim=1)
+    p_t = F.softmax(t / temperature, dim=1)
+    inter = 1 - _mean_pearson(p_s, p_t)
+    intra = 1 - _mean_pearson(p_s.T, p_t.T)
+    return (beta * inter + gamma * intra) * temperature**2

@@ -1,0 +1,59 @@
+"""The model zoo: small, CPU-trainable CNNs, ResNets, VGGs, ViTs, MLP-Mixers, MLPs, the
+dataset-condensation ConvNet and tiny audio models, all behind one factory.
+
+Every model takes keyword-only ``num_classes``, ``in_channels`` and ``img_size`` (an int or
+``(H, W)``), maps ``(B, C, H, W)`` to logits ``(B, num_classes)`` and carries three
+attributes the distillation code relies on instead of per-architecture special cases:
+
+* ``stages`` -- module paths of the main stage outputs, shallow to deep (feature taps,
+  early-exit branches);
+* ``feature_path`` -- the classifier head; its *input* is the penultimate embedding;
+* ``family`` -- ``"cnn"``, ``"vit"``, ``"mixer"``, ``"mlp"`` or ``"audio"``.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+from torch import nn
+
+from ..errors import ConfigError
+from ..registry import MODELS
+from . import audio, cnn, convnet, mixer, mlp, resnet, vgg, vit  # noqa: F401  (registers)
+
+__all__ = ["MODELS", "create", "names", "tap_paths"]
+
+
+def create(name: str, *, field: str = "model", **kwargs) -> nn.Module:
+    """Build the registered model ``name`` with ``kwargs``.
+
+    Unknown names and unknown or invalid arguments raise :class:`ConfigError` whose field
+    is prefixed with ``field`` (e.g. ``"student"`` gives ``"student.depth"``), so a config
+    error points at the config entry that caused it.
+    """
+    factory = MODELS.get(name, field=field)
+    params = inspect.signature(factory).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    accepted = [p for p, v in params.items() if v.kind is not inspect.Parameter.VAR_KEYWORD]
+    if not takes_any:
+        for key, value in kwargs.items():
+            if key not in params:
+                raise ConfigError(
+                    f"{field}.{key}",
+                    value,
+                    f"not an argument of model {name!r}; accepted: {', '.join(accepted)}",
+                )
+    try:
+        return factory(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{field}.{e.field}", e.value, e.allowed) from None
+
+
+def names() -> list[str]:
+    """Every registered model name, sorted."""
+    return MODELS.names()
+
+
+def tap_paths(model: nn.Module) -> list[str]:
+    """All named submodule paths of ``model`` (the root ``''`` excluded), in definition order."""
+    return [path for path, _ in model.named_modules() if path]

@@ -1,0 +1,308 @@
+"""The training loop. It orchestrates; every loss and its maths live in the distiller.
+
+Reading order: ``fit`` -> ``_run_epoch`` -> ``_step``. Checkpoints hold everything that
+changes during training (weights, optimiser, RNG, counters, running sums), so ``fit(resume=True)``
+after a kill reproduces the uninterrupted run's weights bit for bit on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..data import Batches, Dataset
+from ..io import load_weights, save_weights
+from . import checkpoint
+from .config import TrainConfig
+from .metrics import MetricsLog
+from .schedule import lr_at
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module, data: Dataset, batch_size: int = 512, device: str | torch.device = "cpu"
+) -> dict[str, float]:
+    """Accuracy and mean CE of ``model`` on the labelled samples of ``data``."""
+    was = model.training
+    model.eval()
+    correct, loss, n = 0, 0.0, 0
+    for batch in Batches(data, batch_size, shuffle=False).epoch(0):
+        keep = batch["y"] >= 0
+        x, y = batch["x"][keep].to(device), batch["y"][keep].to(device)
+        if not len(y):
+            continue
+        logits = model(x).float()
+        loss += torch.nn.functional.cross_entropy(logits, y, reduction="sum").item()
+        correct += (logits.argmax(1) == y).sum().item()
+        n += len(y)
+    model.train(was)
+    return {"acc": correct / max(n, 1), "loss": loss / max(n, 1), "n": n}
+
+
+class Trainer:
+    """Fits a :class:`~crossdistill.Distiller` (a student with no teacher is plain supervised
+    training). ``val`` selects the best epoch; ``test`` is evaluated once, at the end, on the
+    best-on-val weights."""
+
+    def __init__(
+        self,
+        distiller,
+        train: Dataset,
+        val: Dataset | None = None,
+        test: Dataset | None = None,
+        *,
+        config: TrainConfig | None = None,
+        out_dir: str | Path | None = None,
+        callbacks=(),
+        **overrides,
+    ):
+        self.distiller = distiller
+        self.cfg = config or TrainConfig()
+        for k, v in overrides.items():
+            if not hasattr(self.cfg, k):
+                raise TypeError(f"Trainer got an unknown setting {k!r}")
+            setattr(self.cfg, k, v)
+        self.train_data, self.val, self.test = train, val, test
+        self.out_dir = Path(out_dir) if out_dir else None
+        self.callbacks = list(callbacks)
+        self.device = torch.device(self.cfg.device)
+        self.log = MetricsLog(self.out_dir)
+        self.results: dict = {}
+
+    # -- set-up ---------------------------------------------------------------------------
+    def _setup(self):
+        c = self.cfg
+        torch.manual_seed(c.seed)
+        self.batches = Batches(
+            self.train_data,
+            c.batch_size,
+            shuffle=True,
+            seed=c.seed,
+            shift=c.augment_shift,
+            flip=c.augment_flip,
+        )
+        self.distiller.to(self.device)
+        first = next(self.batches.epoch(0))
+        self.distiller.build({k: v.to(self.device) for k, v in first.items()})
+        params = [p for p in self.distiller.parameters() if p.requires_grad]
+        if c.optimizer == "sgd":
+            self.opt = torch.optim.SGD(
+                params,
+                lr=c.lr,
+                momentum=c.momentum,
+                nesterov=c.nesterov and c.momentum > 0,
+                weight_decay=c.weight_decay,
+            )
+        elif c.optimizer == "adamw":
+            self.opt = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
+        else:
+            raise ValueError(f"unknown optimizer {c.optimizer!r}")
+        self.steps_per_epoch = math.ceil(len(self.batches) / c.accumulate)
+        self.total_steps = c.epochs * self.steps_per_epoch
+        self.warmup_steps = round(c.warmup_epochs * self.steps_per_epoch)
+        self.amp_dtype = None
+        if c.amp:
+            cuda = self.device.type == "cuda"
+            self.amp_dtype = (
+                torch.float16 if cuda and not torch.cuda.is_bf16_supported() else torch.bfloat16
+            )
+        self.scaler = torch.amp.GradScaler(enabled=self.amp_dtype is torch.float16)
+        self.state = {
+            "epoch": 0,
+            "batch": 0,
+            "step": 0,
+            "best_val": -1.0,
+            "best_epoch": -1,
+            "sums": {},
+        }
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def _ckpt_path(self) -> Path | None:
+        return self.out_dir / "last.ckpt" if self.out_dir else None
+
+    def save_checkpoint(self):
+        if not self.out_dir:
+            return
+        rng = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        checkpoint.save(
+            {
+                "model": self.distiller.trainable_state(),
+                "optimizer": self.opt.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "rng": rng,
+                "state": self.state,
+                "config": asdict(self.cfg),
+            },
+            self._ckpt_path(),
+        )
+
+    def _resume(self):
+        ck = checkpoint.load(self._ckpt_path())
+        self.distiller.load_trainable_state(ck["model"])
+        self.opt.load_state_dict(ck["optimizer"])
+        self.scaler.load_state_dict(ck["scaler"])
+        torch.set_rng_state(ck["rng"]["cpu"])
+        if "cuda" in ck["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(ck["rng"]["cuda"], self.device)
+        self.state = ck["state"]
+        self.log.restore(self.state["epoch"])
+
+    # -- the loop -------------------------------------------------------------------------
+    def fit(self, resume: bool = False) -> dict:
+        self._setup()
+        if self.out_dir:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            if not resume:
+                for f in ("metrics.jsonl", "metrics.csv", "results.json"):
+                    (self.out_dir / f).unlink(missing_ok=True)
+        if resume:
+            self._resume()
+        t0 = time.time()
+        while self.state["epoch"] < self.cfg.epochs:
+            row = self._run_epoch(self.state["epoch"])
+            self.state["epoch"] += 1
+            self.state["batch"], self.state["sums"] = 0, {}
+            self.save_checkpoint()
+            for cb in self.callbacks:
+                getattr(cb, "on_epoch_end", lambda *a: None)(self, row)
+        self.results = self._finish(time.time() - t0)
+        return self.results
+
+    def _run_epoch(self, epoch: int) -> dict:
+        c, st = self.cfg, self.state
+        self.distiller.train()
+        n = len(self.batches)
+        bar = tqdm(
+            self.batches.epoch(epoch, start=st["batch"]),
+            total=n,
+            initial=st["batch"],
+            desc=f"epoch {epoch + 1}/{c.epochs}",
+            leave=False,
+            disable=not c.progress,
+            dynamic_ncols=True,
+        )
+        t0 = time.time()
+        for b, batch in enumerate(bar, start=st["batch"]):
+            self.distiller.epoch = epoch + b / n
+            out = self._forward_backward(batch)
+            self._accumulate(out, batch)
+            last = b + 1 == n
+            if (b + 1) % c.accumulate == 0 or last:
+                self._optimizer_step()
+                st["batch"] = b + 1
+                if c.checkpoint_every and st["step"] % c.checkpoint_every == 0 and not last:
+                    self.save_checkpoint()
+            bar.set_postfix(loss=f"{out.total.item():.3f}")
+            for cb in self.callbacks:
+                getattr(cb, "on_batch_end", lambda *a: None)(self, b)
+        bar.close()
+        return self._epoch_row(epoch, time.time() - t0)
+
+    def _forward_backward(self, batch):
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        ctx = (
+            torch.autocast(self.device.type, dtype=self.amp_dtype)
+            if self.amp_dtype
+            else contextlib.nullcontext()
+        )
+        with ctx:
+            out = self.distiller(batch)
+        self.scaler.scale(out.total / self.cfg.accumulate).backward()
+        return out
+
+    def _optimizer_step(self):
+        c, st = self.cfg, self.state
+        lr = lr_at(
+            st["step"],
+            self.total_steps,
+            base=c.lr,
+            schedule=c.schedule,
+            warmup=self.warmup_steps,
+            milestones=tuple(c.milestones),
+            gamma=c.gamma,
+        )
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        if c.grad_clip:
+            self.scaler.unscale_(self.opt)
+            torch.nn.utils.clip_grad_norm_(self.distiller.parameters(), c.grad_clip)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.opt.zero_grad(set_to_none=True)
+        st["step"] += 1
+        st["lr"] = lr
+        on_step = getattr(self.distiller, "on_step", None)
+        if on_step:
+            on_step()
+
+    def _accumulate(self, out, batch):
+        sums = self.state["sums"]
+        k = len(batch["y"])
+        labelled = batch["y"] >= 0
+        add = {
+            "n": k,
+            "loss": out.total.item() * k,
+            "correct": (out.logits.argmax(1).cpu()[labelled] == batch["y"][labelled]).sum().item(),
+            "labelled": labelled.sum().item(),
+        }
+        add.update({f"loss_{name}": v.item() * k for name, v in out.losses.items()})
+        for key, v in add.items():
+            sums[key] = sums.get(key, 0) + v
+
+    def _epoch_row(self, epoch: int, seconds: float) -> dict:
+        s, st = self.state["sums"], self.state
+        row = {
+            "epoch": epoch,
+            "step": st["step"],
+            "lr": st.get("lr", self.cfg.lr),
+            "train_loss": s["loss"] / s["n"],
+            "train_acc": s["correct"] / max(1, s["labelled"]),
+            "epoch_time": seconds,
+        }
+        row.update({k: v / s["n"] for k, v in s.items() if k.startswith("loss_")})
+        if self.val is not None:
+            v = evaluate(self.distiller.student, self.val, self.cfg.eval_batch_size, self.device)
+            row.update(val_acc=v["acc"], val_loss=v["loss"])
+            if v["acc"] > st["best_val"]:
+                st["best_val"], st["best_epoch"] = v["acc"], epoch
+                self._save_best()
+        else:
+            st["best_epoch"] = epoch
+            self._save_best()
+        self.log.append(row)
+        return row
+
+    def _save_best(self):
+        state = self.distiller.student.state_dict()
+        if self.out_dir:
+            save_weights(state, self.out_dir / "best.safetensors")
+        else:
+            self._best_state = {k: v.detach().clone() for k, v in state.items()}
+
+    def _finish(self, seconds: float) -> dict:
+        student = self.distiller.student
+        best = load_weights(self.out_dir / "best.safetensors") if self.out_dir else self._best_state
+        student.load_state_dict(best)
+        res = {
+            "best_epoch": self.state["best_epoch"],
+            "best_val_acc": self.state["best_val"],
+            "train_seconds": seconds,
+            "epochs": self.cfg.epochs,
+            "student_params": sum(p.numel() for p in student.parameters()),
+        }
+        if self.test is not None:
+            t = evaluate(student, self.test, self.cfg.eval_batch_size, self.device)
+            res.update(test_acc=t["acc"], test_loss=t["loss"])
+        if self.out_dir:
+            self.distiller.export(self.out_dir / "student.safetensors")
+            (self.out_dir / "results.json").write_text(json.dumps(res, indent=2))
+        return res

@@ -1,0 +1,27 @@
+import pytest
+import torch
+
+import crossdistill as cd
+
+
+@pytest.fixture
+def digits():
+    """Small stratified slices of sklearn's digits (real data, embedded)."""
+    return {
+        s: cd.data.load("digits", s, limit=n)
+        for s, n in (("train", 200), ("val", 100), ("test", 100))
+    }
+
+
+@pytest.fixture
+def tiny_cnn():
+    torch.manual_seed(0)
+    return cd.models.create("cnn", num_classes=10, in_channels=1, img_size=8, channels=(8, 16, 16))
+
+
+@pytest.fixture
+def tiny_vit():
+    torch.manual_seed(1)
+    return cd.models.create(
+        "vit", num_classes=10, in_channels=1, img_size=8, patch=2, dim=16, depth=2, heads=2
+    )
