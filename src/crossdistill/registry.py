@@ -15,6 +15,7 @@ from .errors import ConfigError, nearest
 class Registry:
     def __init__(self, kind: str):
         self.kind = kind
+        self.singular = kind[:-2] if kind.endswith("sses") else kind.removesuffix("s")
         self._items: dict[str, Callable] = {}
 
     def register(self, name: str, **meta) -> Callable[[Callable], Callable]:
@@ -35,7 +36,7 @@ class Registry:
             raise ConfigError(
                 field or self.kind,
                 name,
-                f"unknown {self.kind[:-1] if self.kind.endswith('s') else self.kind}; "
+                f"unknown {self.singular}; "
                 f"did you mean {', '.join(hint)}? (available: {', '.join(sorted(self._items))})",
             )
         return self._items[name]
