@@ -27,3 +27,12 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+bench-speed: $(STAMP)
+	$(BIN)/python benchmarks/speed.py
+
+bench-hetero: $(STAMP)
+	$(BIN)/python benchmarks/hetero.py
+
+bench-condense: $(STAMP)
+	$(BIN)/python benchmarks/condense.py

@@ -73,7 +73,15 @@ def make_distiller(cfg: RunConfig, splits: dict[str, D.Dataset]) -> Distiller:
             )
         teacher = make_model(cfg.teacher, "teacher", train)
     student = make_model(cfg.student, "student", train)
+    hooks = []
     terms = make_terms(cfg)
+    if cfg.method is not None:
+        from . import methods
+
+        recipe = methods.build(cfg.method.name, student, teacher, **cfg.method.kwargs())
+        terms, hooks = recipe.terms + terms, recipe.hooks
+    if not terms:
+        terms = [Term("ce")]
     needs_teacher = [t.name for t in terms if t.teacher]
     if needs_teacher and teacher is None:
         raise ConfigError(
@@ -82,7 +90,7 @@ def make_distiller(cfg: RunConfig, splits: dict[str, D.Dataset]) -> Distiller:
             f"terms {needs_teacher} need a teacher; add a teacher "
             "section or use label-only terms (ce)",
         )
-    return Distiller(student, teacher, terms, num_samples=int(train.idx.max()) + 1)
+    return Distiller(student, teacher, terms, num_samples=int(train.idx.max()) + 1, hooks=hooks)
 
 
 def train_config(cfg: RunConfig) -> TrainConfig:

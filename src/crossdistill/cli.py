@@ -81,7 +81,23 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument(
         "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
     )
+    for plugin in _plugins():
+        plugin.add_parsers(sub)
     return p
+
+
+def _plugins():
+    """Sub-packages that add their own commands (``add_parsers(sub)`` + ``COMMANDS``)."""
+    import importlib
+
+    found = []
+    for mod in ("crossdistill.condense.cli", "crossdistill.teachers.cli"):
+        try:
+            found.append(importlib.import_module(mod))
+        except ModuleNotFoundError as err:
+            if err.name != mod:
+                raise
+    return found
 
 
 def cmd_train(args) -> int:
@@ -210,8 +226,11 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    commands = dict(COMMANDS)
+    for plugin in _plugins():
+        commands.update(plugin.COMMANDS)
     try:
-        return COMMANDS[args.cmd](args)
+        return commands[args.cmd](args)
     except ConfigError as err:
         if getattr(args, "debug", False):
             raise

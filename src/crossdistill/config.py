@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import ConfigError
-from .registry import DATASETS, LOSSES, MODELS, PROJECTORS
+from .registry import DATASETS, LOSSES, METHODS, MODELS, PROJECTORS
 
 
 class _Strict(BaseModel):
@@ -90,6 +90,24 @@ class TermSpec(BaseModel):
         return v
 
 
+class MethodSpec(BaseModel):
+    """A registered method (recipe); keys beyond ``name`` are its hyper-parameters."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v):
+        from . import methods  # noqa: F401  (registers)
+
+        METHODS.get(v, "name")
+        return v
+
+    def kwargs(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
 class TrainSpec(_Strict):
     epochs: int = Field(10, ge=1)
     optimizer: Literal["sgd", "adamw"] = "sgd"
@@ -117,7 +135,8 @@ class RunConfig(_Strict):
     teacher: ModelSpec | None = None
     student: ModelSpec
     data: DataSpec = DataSpec()
-    terms: list[TermSpec] = Field(default_factory=lambda: [TermSpec(loss="ce")], min_length=1)
+    method: MethodSpec | None = None
+    terms: list[TermSpec] = Field(default_factory=list)
     train: TrainSpec = TrainSpec()
 
     def digest(self) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import inspect
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -39,7 +39,8 @@ class Term:
 
     ``student``/``teacher`` are taps (a module path, ``"path:input"``, ``"path[0]"``, a
     :class:`Tap`, or a list of them for multi-level losses); ``teacher=None`` for label-only
-    losses such as ``ce``. ``projector`` is a registered projector name or ``"auto"``.
+    losses such as ``ce``. ``projector`` is a registered projector name, ``"auto"``, or a
+    factory ``(s_shape, t_shape, **projector_params) -> nn.Module`` (methods' own heads).
     ``weight`` defaults to the loss's recommended weight; ``warmup`` ramps it linearly from 0
     over that many epochs (DKD). ``teacher_model`` picks one of several named teachers.
     Remaining keyword arguments are the loss's hyper-parameters.
@@ -51,7 +52,7 @@ class Term:
         *,
         student: TapSpec = LOGITS,
         teacher: TapSpec | None = "default",
-        projector: str | None = None,
+        projector: str | Callable[..., nn.Module] | None = None,
         weight: float | None = None,
         warmup: float = 0.0,
         name: str | None = None,
@@ -139,6 +140,7 @@ class Distiller(nn.Module):
         label_key: str = "y",
         teacher_input_key: str | None = None,
         num_samples: int | None = None,
+        hooks: Sequence[Callable[[Distiller], None]] = (),
     ):
         super().__init__()
         if not terms:
@@ -154,7 +156,10 @@ class Distiller(nn.Module):
         self.input_key, self.label_key = input_key, label_key
         self.teacher_input_key = teacher_input_key or input_key
         self.num_samples = num_samples
-        self.epoch = 0.0
+        self.epoch = 0.0  # fractional epoch, set by the trainer (term warm-ups, schedules)
+        self.total_epochs = 1
+        self.last_losses: dict[str, float] = {}
+        self.hooks = list(hooks)
         self.projectors = nn.ModuleDict()
         self.loss_modules = nn.ModuleDict()
         self._ctx: dict[str, set[str]] = {}
@@ -218,13 +223,16 @@ class Distiller(nn.Module):
                         term.projector,
                         "projectors bridge one student tap to one teacher tap",
                     )
-                proj = P.build(
-                    term.projector,
-                    _shape(s[0]),
-                    _shape(t[0]),
-                    f"terms.{term.name}.projector",
-                    **term.projector_params,
-                )
+                if callable(term.projector):  # a method's own factory (s_shape, t_shape)
+                    proj = term.projector(_shape(s[0]), _shape(t[0]), **term.projector_params)
+                else:
+                    proj = P.build(
+                        term.projector,
+                        _shape(s[0]),
+                        _shape(t[0]),
+                        f"terms.{term.name}.projector",
+                        **term.projector_params,
+                    )
                 self.projectors[term.name] = proj.to(device)
                 s = [proj.eval()(s[0])]
             if term.stateful:
@@ -293,7 +301,18 @@ class Distiller(nn.Module):
             value = self._score(term, s, t, batch)
             losses[term.name] = value
             total = total + term.weight_at(self.epoch) * value
+        if self.training:
+            self.last_losses = {k: v.detach() for k, v in losses.items()}
         return Output(logits=s_vals[None], losses=losses, total=total)
+
+    def on_step(self) -> None:
+        """Called by the trainer after every optimiser step: methods' schedules (e.g. TAID's
+        adaptive interpolation) live in loss modules' or recipes' ``on_step(distiller)``."""
+        for mod in list(self.loss_modules.values()) + list(self.projectors.values()):
+            if hasattr(mod, "on_step"):
+                mod.on_step(self)
+        for hook in self.hooks:
+            hook(self)
 
     def train(self, mode: bool = True):
         super().train(mode)

@@ -191,6 +191,7 @@ class Trainer:
             dynamic_ncols=True,
         )
         t0 = time.time()
+        self.distiller.total_epochs = c.epochs
         for b, batch in enumerate(bar, start=st["batch"]):
             self.distiller.epoch = epoch + b / n
             out = self._forward_backward(batch)
