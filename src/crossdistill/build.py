@@ -60,25 +60,50 @@ def make_terms(cfg: RunConfig) -> list[Term]:
     return terms
 
 
+def make_teacher(spec, field: str, train: D.Dataset):
+    """An online teacher (model + checkpoint) or a :class:`TeacherStore` checked against the
+    training split (and against the model's weights when both are given)."""
+    if spec.store:
+        from .teachers import TeacherStore, weights_hash
+
+        store = TeacherStore(spec.store, f"{field}.store")
+        model_hash = None
+        if spec.model and spec.checkpoint:
+            model_hash = weights_hash(make_model(spec, field, train))
+        store.check(teacher_hash=model_hash, data=train)
+        return store
+    if not spec.model or not spec.checkpoint:
+        raise ConfigError(
+            f"{field}.checkpoint",
+            spec.checkpoint,
+            "a teacher needs model + checkpoint (a trained .safetensors file; train "
+            "one first with a config that has no teacher) or store",
+        )
+    return make_model(spec, field, train)
+
+
 def make_distiller(cfg: RunConfig, splits: dict[str, D.Dataset]) -> Distiller:
     train = splits["train"]
+    if cfg.teacher is not None and cfg.teachers:
+        raise ConfigError("teachers", sorted(cfg.teachers), "use either teacher or teachers")
     teacher = None
     if cfg.teacher is not None:
-        if not cfg.teacher.checkpoint:
-            raise ConfigError(
-                "teacher.checkpoint",
-                None,
-                "a trained teacher's .safetensors file "
-                "(train one first with a config that has no teacher)",
-            )
-        teacher = make_model(cfg.teacher, "teacher", train)
+        teacher = make_teacher(cfg.teacher, "teacher", train)
+    elif cfg.teachers:
+        teacher = {n: make_teacher(s, f"teachers.{n}", train) for n, s in cfg.teachers.items()}
+    mixture = None
+    if cfg.mixture is not None:
+        from .teachers import Mixture
+
+        mixture = Mixture(**cfg.mixture.model_dump())
     student = make_model(cfg.student, "student", train)
     hooks = []
     terms = make_terms(cfg)
     if cfg.method is not None:
         from . import methods
 
-        recipe = methods.build(cfg.method.name, student, teacher, **cfg.method.kwargs())
+        one = teacher if not isinstance(teacher, dict) else None
+        recipe = methods.build(cfg.method.name, student, one, **cfg.method.kwargs())
         terms, hooks = recipe.terms + terms, recipe.hooks
     if not terms:
         terms = [Term("ce")]
@@ -90,7 +115,9 @@ def make_distiller(cfg: RunConfig, splits: dict[str, D.Dataset]) -> Distiller:
             f"terms {needs_teacher} need a teacher; add a teacher "
             "section or use label-only terms (ce)",
         )
-    return Distiller(student, teacher, terms, num_samples=int(train.idx.max()) + 1, hooks=hooks)
+    return Distiller(
+        student, teacher, terms, num_samples=int(train.idx.max()) + 1, hooks=hooks, mixture=mixture
+    )
 
 
 def train_config(cfg: RunConfig) -> TrainConfig:

@@ -33,6 +33,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--out", help="run directory (default: runs/<config name>)")
     t.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="processes on this machine (DDP, or "
+        "FSDP with --set train.strategy=fsdp); launches torch.distributed.run",
+    )
+    t.add_argument(
         "--resume", action="store_true", help="continue the run in --out from its last checkpoint"
     )
     t.add_argument(
@@ -100,20 +107,58 @@ def _plugins():
     return found
 
 
+def _launch(args, argv: list[str]) -> int:
+    """Re-run this command under torch.distributed.run with ``--nproc`` processes."""
+    import os
+    import subprocess
+
+    if args.nproc < 1:
+        raise ConfigError("--nproc", args.nproc, "must be >= 1")
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a == "--nproc":
+            skip = True
+            continue
+        if not a.startswith("--nproc="):
+            rest.append(a)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={args.nproc}",
+        "-m",
+        "crossdistill.cli",
+        *rest,
+    ]
+    return subprocess.call(
+        cmd, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    )
+
+
 def cmd_train(args) -> int:
+    import os
+
     from . import config as C
     from .build import default_out_dir, make_trainer
 
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return _launch(args, args.argv)
     cfg = C.load(args.config, args.overrides)
     out = Path(args.out) if args.out else default_out_dir(cfg)
     if args.resume and not (out / "last.ckpt").is_file():
         raise ConfigError("--resume", str(out), "no last.ckpt in that run directory")
     trainer = make_trainer(cfg, out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(C.dump(cfg))
+    if os.environ.get("RANK", "0") == "0":
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(C.dump(cfg))
     res = trainer.fit(resume=args.resume)
-    print(json.dumps(res, indent=2))
-    print(f"run written to {out}")
+    if os.environ.get("RANK", "0") == "0":
+        print(json.dumps(res, indent=2))
+        print(f"run written to {out}")
     return 0
 
 
@@ -225,7 +270,9 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = _parser().parse_args(argv)
+    args.argv = argv
     commands = dict(COMMANDS)
     for plugin in _plugins():
         commands.update(plugin.COMMANDS)

@@ -41,6 +41,29 @@ class ModelSpec(BaseModel):
         return dict(self.model_extra or {})
 
 
+class TeacherSpec(ModelSpec):
+    """A teacher: a zoo model + ``checkpoint`` (run online), or ``store`` (precomputed signals,
+    see ``crossdistill cache-teacher``), or both (the store is then checked against it)."""
+
+    model: str | None = None
+    store: str | None = None
+
+    @field_validator("model")
+    @classmethod
+    def _known(cls, v):
+        if v is not None:
+            MODELS.get(v, "model")
+        return v
+
+
+class MixtureSpec(_Strict):
+    mode: Literal["fixed", "entropy", "true_class", "router"] = "fixed"
+    weights: dict[str, float] | None = None
+    tau: float = Field(1.0, gt=0)
+    space: Literal["prob", "logit"] = "prob"
+    router_hidden: int = Field(32, ge=1)
+
+
 class AugmentSpec(_Strict):
     shift: int = Field(0, ge=0, le=8)
     flip: bool = False
@@ -127,12 +150,16 @@ class TrainSpec(_Strict):
     checkpoint_every: int = Field(0, ge=0)
     eval_batch_size: int = Field(512, ge=1)
     progress: bool = True
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    find_unused: bool = False
 
 
 class RunConfig(_Strict):
     name: str | None = None
     out_dir: str | None = None
-    teacher: ModelSpec | None = None
+    teacher: TeacherSpec | None = None
+    teachers: dict[str, TeacherSpec] | None = None
+    mixture: MixtureSpec | None = None
     student: ModelSpec
     data: DataSpec = DataSpec()
     method: MethodSpec | None = None

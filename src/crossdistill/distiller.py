@@ -141,6 +141,7 @@ class Distiller(nn.Module):
         teacher_input_key: str | None = None,
         num_samples: int | None = None,
         hooks: Sequence[Callable[[Distiller], None]] = (),
+        mixture: nn.Module | None = None,
     ):
         super().__init__()
         if not terms:
@@ -152,6 +153,9 @@ class Distiller(nn.Module):
             else (dict(teacher) if isinstance(teacher, Mapping) else {"teacher": teacher})
         )
         self.teachers = nn.ModuleDict({k: _freeze(m) for k, m in teachers.items()})
+        self.mixture = mixture
+        if mixture is not None and len(self.teachers) < 2:
+            raise ConfigError("mixture", mixture.mode, "a mixture needs at least two teachers")
         self.terms = list(_unique_names(terms))
         self.input_key, self.label_key = input_key, label_key
         self.teacher_input_key = teacher_input_key or input_key
@@ -167,10 +171,24 @@ class Distiller(nn.Module):
         for t in self.terms:
             if t.teacher:
                 self._teacher_of(t)  # every teacher-side term names a teacher that exists
-        self._t_caps = {}
+        self._t_caps: dict[str, Capture | dict[str, Tap]] = {}
         for name, model in self.teachers.items():
             terms_here = [t for t in self.terms if t.teacher and self._teacher_of(t) == name]
-            self._t_caps[name] = Capture(model, self._tap_map(terms_here, "teacher"), "teacher tap")
+            taps = self._tap_map(terms_here, "teacher")
+            if mixture is not None:
+                taps.setdefault(LOGITS, Tap(LOGITS))
+            if getattr(model, "is_store", False):
+                for key in taps:
+                    if key not in model.taps:
+                        raise ConfigError(
+                            "terms.teacher",
+                            key,
+                            f"not in the teacher store "
+                            f"{model.path}; stored taps: {', '.join(model.taps)}",
+                        )
+                self._t_caps[name] = taps
+            else:
+                self._t_caps[name] = Capture(model, taps, "teacher tap")
         self.built = False
 
     # -- construction -------------------------------------------------------------------
@@ -185,6 +203,18 @@ class Distiller(nn.Module):
                 str(term.teacher[0]),
                 "this term needs a teacher, but the distiller has none",
             )
+        mix = self.mixture.name if self.mixture is not None else None
+        if term.teacher_model is None and mix:
+            term.teacher_model = mix  # with a mixture, teacher-side terms read the mixture
+        if term.teacher_model is not None and term.teacher_model == mix:
+            if [str(t) for t in term.teacher] != [LOGITS]:
+                raise ConfigError(
+                    f"terms.{term.name}.teacher",
+                    [str(t) for t in term.teacher],
+                    "a mixture provides only 'logits'; tap one teacher by name "
+                    "(teacher_model) for features",
+                )
+            return mix
         if term.teacher_model is None:
             if len(self.teachers) > 1:
                 raise ConfigError(
@@ -197,7 +227,7 @@ class Distiller(nn.Module):
             raise ConfigError(
                 f"terms.{term.name}.teacher_model",
                 term.teacher_model,
-                f"allowed: {', '.join(self.teachers)}",
+                f"allowed: {', '.join([*self.teachers, *([mix] if mix else [])])}",
             )
         return term.teacher_model
 
@@ -210,6 +240,7 @@ class Distiller(nn.Module):
         self.student.eval()
         try:
             s_vals, t_vals = self._capture(batch)
+            self._mix(t_vals, batch)
         finally:
             self.student.train(was_training)
         device = next(self.student.parameters()).device
@@ -263,10 +294,17 @@ class Distiller(nn.Module):
 
     @torch.no_grad()
     def teacher_signals(self, batch) -> dict[tuple[str, str], torch.Tensor]:
-        """Every teacher tap's value for ``batch``, keyed ``(teacher name, tap)``."""
+        """Every teacher tap's value for ``batch``, keyed ``(teacher name, tap)``: run online
+        (frozen, no grad) or looked up by ``batch["idx"]`` in a teacher store."""
         out = {}
+        device = batch[self.input_key].device
         for name, model in self.teachers.items():
             cap = self._t_caps[name]
+            if getattr(model, "is_store", False):
+                if "idx" not in batch:
+                    raise ConfigError("batch", sorted(batch), "a teacher store needs batch['idx']")
+                out.update({(name, k): model.lookup(batch["idx"], k).to(device) for k in cap})
+                continue
             if not cap.taps:
                 continue
             cap.clear()
@@ -277,6 +315,19 @@ class Distiller(nn.Module):
                 cap.active = False
             out.update({(name, k): cap.get(k) for k in cap.taps})
         return out
+
+    def _mix(self, t_vals: dict, batch) -> torch.Tensor | None:
+        """Add the mixture's target to ``t_vals``; return its auxiliary (router) loss."""
+        if self.mixture is None:
+            return None
+        if not self.mixture.members:
+            first = t_vals[(next(iter(self.teachers)), LOGITS)]
+            self.mixture.setup(list(self.teachers), first.shape[1])
+            self.mixture.to(first.device)
+        logits = {n: t_vals[(n, LOGITS)] for n in self.teachers}
+        mixed, _, aux = self.mixture(logits, batch.get(self.label_key))
+        t_vals[(self.mixture.name, LOGITS)] = mixed.detach()
+        return aux
 
     def _score(self, term: Term, s: list, t: list, batch) -> torch.Tensor:
         one = lambda xs: xs if term.multi else (xs[0] if xs else None)  # noqa: E731
@@ -292,7 +343,11 @@ class Distiller(nn.Module):
         if not self.built:
             self.build(batch)
         s_vals, t_vals = self._capture(batch)
+        aux = self._mix(t_vals, batch)
         losses, total = {}, 0.0
+        if aux is not None and self.training:
+            losses["mixture_router"] = aux
+            total = total + aux
         for term in self.terms:
             s = [s_vals[str(tap)] for tap in term.student]
             t = [t_vals[(self._teacher_of(term), str(tap))] for tap in term.teacher]

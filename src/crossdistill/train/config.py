@@ -28,4 +28,6 @@ class TrainConfig:
     augment_flip: bool = False
     eval_batch_size: int = 512
     progress: bool = True
+    strategy: str = "ddp"  # under torchrun: "ddp" | "fsdp"
+    find_unused: bool = False  # DDP find_unused_parameters
     extra: dict = field(default_factory=dict)

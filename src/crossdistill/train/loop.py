@@ -10,16 +10,20 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..data import Batches, Dataset
+from ..errors import ConfigError
 from ..io import load_weights, save_weights
 from . import checkpoint
+from . import distributed as D
 from .config import TrainConfig
 from .metrics import MetricsLog
 from .schedule import lr_at
@@ -27,23 +31,39 @@ from .schedule import lr_at
 
 @torch.no_grad()
 def evaluate(
-    model: torch.nn.Module, data: Dataset, batch_size: int = 512, device: str | torch.device = "cpu"
+    model: torch.nn.Module,
+    data: Dataset,
+    batch_size: int = 512,
+    device: str | torch.device = "cpu",
+    dist: D.Dist | None = None,
 ) -> dict[str, float]:
-    """Accuracy and mean CE of ``model`` on the labelled samples of ``data``."""
+    """Accuracy and mean CE of ``model`` on the labelled samples of ``data``.
+
+    Under torch.distributed each rank scores every ``world``-th sample (shards padded to equal
+    length so collective forwards, e.g. FSDP's, stay in step) and the sums are all-reduced.
+    """
+    d = dist or D.Dist()
     was = model.training
     model.eval()
-    correct, loss, n = 0, 0.0, 0
-    for batch in Batches(data, batch_size, shuffle=False).epoch(0):
-        keep = batch["y"] >= 0
-        x, y = batch["x"][keep].to(device), batch["y"][keep].to(device)
-        if not len(y):
-            continue
-        logits = model(x).float()
-        loss += torch.nn.functional.cross_entropy(logits, y, reduction="sum").item()
-        correct += (logits.argmax(1) == y).sum().item()
-        n += len(y)
+    ids = torch.arange(len(data))
+    per = -(-len(ids) // d.world)
+    ids = torch.cat([ids, ids[: per * d.world - len(ids)]])[d.rank :: d.world]
+    real = torch.arange(len(ids)) * d.world + d.rank < len(data)  # padding is not counted
+    sums = {"correct": 0.0, "loss": 0.0, "n": 0.0}
+    for start in range(0, len(ids), batch_size):
+        batch = data.batch(ids[start : start + batch_size])
+        keep = (batch["y"] >= 0) & real[start : start + batch_size]
+        logits = model(batch["x"].to(device)).float()
+        y = batch["y"].to(device)
+        k = keep.to(device)
+        if k.any():
+            sums["loss"] += F.cross_entropy(logits[k], y[k], reduction="sum").item()
+            sums["correct"] += (logits[k].argmax(1) == y[k]).sum().item()
+            sums["n"] += k.sum().item()
     model.train(was)
-    return {"acc": correct / max(n, 1), "loss": loss / max(n, 1), "n": n}
+    sums = D.all_reduce_sums(sums, d)
+    n = max(sums["n"], 1)
+    return {"acc": sums["correct"] / n, "loss": sums["loss"] / n, "n": int(sums["n"])}
 
 
 class Trainer:
@@ -79,18 +99,40 @@ class Trainer:
     # -- set-up ---------------------------------------------------------------------------
     def _setup(self):
         c = self.cfg
+        self.dist = D.init(self.device)
+        self.device = D.device_for(c.device, self.dist)
+        if c.batch_size % self.dist.world:
+            raise ConfigError(
+                "data.batch_size",
+                c.batch_size,
+                f"the global batch must divide by the {self.dist.world} processes",
+            )
         torch.manual_seed(c.seed)
         self.batches = Batches(
             self.train_data,
-            c.batch_size,
+            c.batch_size // self.dist.world,
             shuffle=True,
             seed=c.seed,
             shift=c.augment_shift,
             flip=c.augment_flip,
+            rank=self.dist.rank,
+            world=self.dist.world,
         )
+        stores = [n for n, m in self.distiller.teachers.items() if getattr(m, "is_store", False)]
+        if stores and self.batches.augmenting:
+            raise ConfigError(
+                "data.augment",
+                {"shift": c.augment_shift, "flip": c.augment_flip},
+                f"teacher {stores[0]!r} reads stored signals of un-augmented "
+                "inputs, which random augmentation would make stale: set shift 0 "
+                "and flip false, or use an online teacher",
+            )
         self.distiller.to(self.device)
         first = next(self.batches.epoch(0))
         self.distiller.build({k: v.to(self.device) for k, v in first.items()})
+        self.model = D.wrap(self.distiller, c.strategy, self.dist, c.find_unused)
+        if self.dist.active:  # identical initial weights everywhere, different dropout per rank
+            torch.manual_seed(c.seed * 7919 + self.dist.rank)
         params = [p for p in self.distiller.parameters() if p.requires_grad]
         if c.optimizer == "sgd":
             self.opt = torch.optim.SGD(
@@ -103,7 +145,7 @@ class Trainer:
         elif c.optimizer == "adamw":
             self.opt = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
         else:
-            raise ValueError(f"unknown optimizer {c.optimizer!r}")
+            raise ConfigError("train.optimizer", c.optimizer, "allowed: sgd, adamw")
         self.steps_per_epoch = math.ceil(len(self.batches) / c.accumulate)
         self.total_steps = c.epochs * self.steps_per_epoch
         self.warmup_steps = round(c.warmup_epochs * self.steps_per_epoch)
@@ -127,43 +169,100 @@ class Trainer:
     def _ckpt_path(self) -> Path | None:
         return self.out_dir / "last.ckpt" if self.out_dir else None
 
+    @property
+    def _fsdp(self) -> bool:
+        return self.dist.active and self.cfg.strategy == "fsdp"
+
+    def _states(self) -> tuple[dict, dict]:
+        """(trainable model state, optimiser state); under FSDP gathered in full on rank 0."""
+        if not self._fsdp:
+            return self.distiller.trainable_state(), self.opt.state_dict()
+        from torch.distributed.checkpoint import state_dict as dcp
+
+        opts = dcp.StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model = dcp.get_model_state_dict(self.distiller, options=opts)
+        model = {k: v for k, v in model.items() if not k.startswith("teachers.")}
+        return model, dcp.get_optimizer_state_dict(self.distiller, self.opt, options=opts)
+
+    def _load_states(self, model: dict, optim: dict) -> None:
+        if not self._fsdp:
+            self.distiller.load_trainable_state(model)
+            self.opt.load_state_dict(optim)
+            return
+        from torch.distributed.checkpoint import state_dict as dcp
+
+        opts = dcp.StateDictOptions(full_state_dict=True, strict=False)
+        dcp.set_model_state_dict(self.distiller, model, options=opts)
+        dcp.set_optimizer_state_dict(self.distiller, self.opt, optim, options=opts)
+
+    def _student_state(self) -> dict:
+        if not self._fsdp:
+            return self.distiller.student.state_dict()
+        from torch.distributed.checkpoint import state_dict as dcp
+
+        opts = dcp.StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return dcp.get_model_state_dict(self.distiller.student, options=opts)
+
+    def _load_student_state(self, state: dict) -> None:
+        if not self._fsdp:
+            self.distiller.student.load_state_dict(state)
+            return
+        from torch.distributed.checkpoint import state_dict as dcp
+
+        dcp.set_model_state_dict(
+            self.distiller.student, state, options=dcp.StateDictOptions(full_state_dict=True)
+        )
+
     def save_checkpoint(self):
         if not self.out_dir:
             return
-        rng = {"cpu": torch.get_rng_state()}
+        rng = {"cpu": D.gather_rng(self.dist)}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        checkpoint.save(
-            {
-                "model": self.distiller.trainable_state(),
-                "optimizer": self.opt.state_dict(),
-                "scaler": self.scaler.state_dict(),
-                "rng": rng,
-                "state": self.state,
-                "config": asdict(self.cfg),
-            },
-            self._ckpt_path(),
-        )
+        model, optim = self._states()
+        if self.dist.main:
+            checkpoint.save(
+                {
+                    "model": model,
+                    "optimizer": optim,
+                    "scaler": self.scaler.state_dict(),
+                    "rng": rng,
+                    "state": self.state,
+                    "config": asdict(self.cfg),
+                    "world": self.dist.world,
+                },
+                self._ckpt_path(),
+            )
+        D.barrier(self.dist)
 
     def _resume(self):
         ck = checkpoint.load(self._ckpt_path())
-        self.distiller.load_trainable_state(ck["model"])
-        self.opt.load_state_dict(ck["optimizer"])
+        if ck.get("world", 1) != self.dist.world:
+            raise ConfigError(
+                "--resume",
+                ck.get("world", 1),
+                "the checkpoint was written by that "
+                "many processes; resume with the same number "
+                f"(now {self.dist.world})",
+            )
+        self._load_states(ck["model"], ck["optimizer"])
         self.scaler.load_state_dict(ck["scaler"])
-        torch.set_rng_state(ck["rng"]["cpu"])
+        torch.set_rng_state(ck["rng"]["cpu"][self.dist.rank])
         if "cuda" in ck["rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state(ck["rng"]["cuda"], self.device)
         self.state = ck["state"]
-        self.log.restore(self.state["epoch"])
+        if self.dist.main:
+            self.log.restore(self.state["epoch"])
 
     # -- the loop -------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> dict:
         self._setup()
-        if self.out_dir:
+        if self.out_dir and self.dist.main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             if not resume:
                 for f in ("metrics.jsonl", "metrics.csv", "results.json"):
                     (self.out_dir / f).unlink(missing_ok=True)
+        D.barrier(self.dist)
         if resume:
             self._resume()
         t0 = time.time()
@@ -187,7 +286,7 @@ class Trainer:
             initial=st["batch"],
             desc=f"epoch {epoch + 1}/{c.epochs}",
             leave=False,
-            disable=not c.progress,
+            disable=not c.progress or not self.dist.main,
             dynamic_ncols=True,
         )
         t0 = time.time()
@@ -216,7 +315,7 @@ class Trainer:
             else contextlib.nullcontext()
         )
         with ctx:
-            out = self.distiller(batch)
+            out = self.model(batch)
         self.scaler.scale(out.total / self.cfg.accumulate).backward()
         return out
 
@@ -260,7 +359,7 @@ class Trainer:
             sums[key] = sums.get(key, 0) + v
 
     def _epoch_row(self, epoch: int, seconds: float) -> dict:
-        s, st = self.state["sums"], self.state
+        s, st = D.all_reduce_sums(self.state["sums"], self.dist), self.state
         row = {
             "epoch": epoch,
             "step": st["step"],
@@ -271,7 +370,9 @@ class Trainer:
         }
         row.update({k: v / s["n"] for k, v in s.items() if k.startswith("loss_")})
         if self.val is not None:
-            v = evaluate(self.distiller.student, self.val, self.cfg.eval_batch_size, self.device)
+            v = evaluate(
+                self.distiller.student, self.val, self.cfg.eval_batch_size, self.device, self.dist
+            )
             row.update(val_acc=v["acc"], val_loss=v["loss"])
             if v["acc"] > st["best_val"]:
                 st["best_val"], st["best_epoch"] = v["acc"], epoch
@@ -279,31 +380,41 @@ class Trainer:
         else:
             st["best_epoch"] = epoch
             self._save_best()
-        self.log.append(row)
+        if self.dist.main:
+            self.log.append(row)
         return row
 
     def _save_best(self):
-        state = self.distiller.student.state_dict()
+        state = self._student_state()
         if self.out_dir:
-            save_weights(state, self.out_dir / "best.safetensors")
+            if self.dist.main:
+                save_weights(state, self.out_dir / "best.safetensors")
+            D.barrier(self.dist)
         else:
             self._best_state = {k: v.detach().clone() for k, v in state.items()}
 
     def _finish(self, seconds: float) -> dict:
         student = self.distiller.student
         best = load_weights(self.out_dir / "best.safetensors") if self.out_dir else self._best_state
-        student.load_state_dict(best)
+        self._load_student_state(best)
         res = {
             "best_epoch": self.state["best_epoch"],
             "best_val_acc": self.state["best_val"],
             "train_seconds": seconds,
             "epochs": self.cfg.epochs,
-            "student_params": sum(p.numel() for p in student.parameters()),
+            "world": self.dist.world,
+            "student_params": sum(v.numel() for v in best.values() if v.is_floating_point()),
         }
         if self.test is not None:
-            t = evaluate(student, self.test, self.cfg.eval_batch_size, self.device)
+            t = evaluate(student, self.test, self.cfg.eval_batch_size, self.device, self.dist)
             res.update(test_acc=t["acc"], test_loss=t["loss"])
-        if self.out_dir:
-            self.distiller.export(self.out_dir / "student.safetensors")
+        if self.out_dir and self.dist.main:
+            if self._fsdp:  # best.safetensors already holds the full, clean student state
+                shutil.copyfile(
+                    self.out_dir / "best.safetensors", self.out_dir / "student.safetensors"
+                )
+            else:
+                self.distiller.export(self.out_dir / "student.safetensors")
             (self.out_dir / "results.json").write_text(json.dumps(res, indent=2))
+        D.barrier(self.dist)
         return res

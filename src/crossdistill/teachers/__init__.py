@@ -1,0 +1,15 @@
+"""Teacher signals: online teachers (plain modules), stores (precomputed by sample id) and
+mixtures of several teachers."""
+
+from .fingerprint import transform_description, weights_hash
+from .mixture import Mixture
+from .store import TeacherStore, cache_teacher, topk_decode
+
+__all__ = [
+    "Mixture",
+    "TeacherStore",
+    "cache_teacher",
+    "topk_decode",
+    "transform_description",
+    "weights_hash",
+]

@@ -1,0 +1,82 @@
+"""``crossdistill cache-teacher CONFIG``: run a config's teacher once over its training split
+and write a teacher store (see ``store.py``); train later with ``teacher: {store: PATH}``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..errors import ConfigError
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser("cache-teacher", help="precompute a config's teacher signals into a store")
+    p.add_argument("config", help="a run config with teacher: {model, checkpoint}")
+    p.add_argument("--out", help="store directory (default runs/stores/<teacher>-<data>)")
+    p.add_argument(
+        "--topk",
+        type=int,
+        default=None,
+        help="keep only the top-k logits "
+        "(+ logsumexp); the rest of the mass is spread evenly (documented rule)",
+    )
+    p.add_argument(
+        "--taps",
+        nargs="*",
+        default=None,
+        help="teacher feature taps to store (default: the teacher taps the config's terms use)",
+    )
+    p.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"))
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+    )
+
+
+def cmd_cache_teacher(args) -> int:
+    from .. import config as C
+    from ..build import load_splits, make_model
+    from .fingerprint import weights_hash
+    from .store import cache_teacher
+
+    cfg = C.load(args.config, args.overrides)
+    spec = cfg.teacher
+    if spec is None or not spec.model or not spec.checkpoint:
+        raise ConfigError(
+            "teacher",
+            None if spec is None else spec.model,
+            "cache-teacher needs teacher: {model: ..., checkpoint: ...}",
+        )
+    train = load_splits(cfg)["train"]
+    teacher = make_model(spec, "teacher", train)
+    taps = args.taps
+    if taps is None:
+        taps = sorted(
+            {
+                t
+                for term in cfg.terms
+                for t in ([term.teacher] if isinstance(term.teacher, str) else term.teacher or [])
+                if t not in ("logits", "default")
+            }
+        )
+    out = Path(args.out or f"runs/stores/{weights_hash(teacher)}-{train.fingerprint()}")
+    cache_teacher(
+        teacher,
+        train,
+        out,
+        taps=taps,
+        topk=args.topk,
+        dtype=args.dtype,
+        device=cfg.train.device,
+        progress=cfg.train.progress,
+    )
+    m = json.loads((out / "manifest.json").read_text())
+    print(
+        f"teacher store: {out}\n  samples {m['num_samples']}, taps {m['taps']}, "
+        f"{m['bytes_per_sample']} bytes/sample ({m['bytes_per_sample_signals']} without the id)"
+    )
+    return 0
+
+
+COMMANDS = {"cache-teacher": cmd_cache_teacher}
