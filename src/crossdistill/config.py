@@ -152,6 +152,7 @@ class TrainSpec(_Strict):
     progress: bool = True
     strategy: Literal["ddp", "fsdp"] = "ddp"
     find_unused: bool = False
+    deterministic: bool = False
 
 
 class RunConfig(_Strict):

@@ -58,9 +58,11 @@ def ce(s: Tensor, t: Tensor | None = None, *, y: Tensor, label_smoothing: float 
     if not 0.0 <= label_smoothing < 1.0:
         raise ConfigError("ce.label_smoothing", label_smoothing, "must be in [0, 1)")
     y = y.long()
-    if not (y >= 0).any():  # a batch with no labels: zero loss, but keep the graph
-        return s.sum() * 0.0
-    return F.cross_entropy(_upcast(s), y, label_smoothing=label_smoothing, ignore_index=-1)
+    per = F.cross_entropy(
+        _upcast(s), y, label_smoothing=label_smoothing, ignore_index=-1, reduction="none"
+    )  # 0 where y == -1
+    # mean over labelled samples, 0 for a batch without labels; no host sync (GPU-friendly)
+    return per.sum() / (y >= 0).sum().clamp_min(1)
 
 
 @LOSSES.register(

@@ -166,11 +166,19 @@ class TeacherStore(nn.Module):
         if self.manifest.get("format") != FORMAT:
             raise ConfigError(field, self.manifest.get("format"), f"expected format {FORMAT}")
         parts = [load_weights(self.path / s, field) for s in self.manifest["shards"]]
-        self._data = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-        ids = self._data.pop("idx").long()
-        self._row = torch.full((int(ids.max()) + 1,), -1, dtype=torch.long)
-        self._row[ids] = torch.arange(len(ids))
+        data = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        ids = data.pop("idx").long()
+        row = torch.full((int(ids.max()) + 1,), -1, dtype=torch.long)
+        row[ids] = torch.arange(len(ids))
+        # non-persistent buffers: `.to(device)` moves the signals next to the student (lookups
+        # stay on the GPU), and they never enter a state dict or checkpoint
+        self.register_buffer("_row", row, persistent=False)
+        self._keys = {}
+        for i, (k, v) in enumerate(data.items()):
+            self._keys[k] = f"_sig{i}"
+            self.register_buffer(f"_sig{i}", v, persistent=False)
         self.taps = list(self.manifest["taps"])
+        self._checked = False
 
     @property
     def bytes_per_sample(self) -> int:
@@ -197,7 +205,7 @@ class TeacherStore(nn.Module):
                     f"made with another transform: "
                     f"{k}={m['transform'].get(k)!r}, this run has {want[k]!r}",
                 )
-            ids = data.idx
+            ids = data.idx.to(self._row.device)
             if int(ids.max()) >= len(self._row) or (self._row[ids] < 0).any():
                 raise ConfigError(
                     self.field,
@@ -205,31 +213,36 @@ class TeacherStore(nn.Module):
                     "made for another dataset: "
                     f"sample ids of {data.name}/{data.split} are missing from it",
                 )
+            self._checked = True  # every id of this split is present: lookups skip the check
+
+    def _sig(self, key: str) -> torch.Tensor:
+        return getattr(self, self._keys[key])
 
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
-        idx = idx.cpu().long()
+        idx = idx.to(self._row.device).long()
+        if self._checked:  # ids validated once against the split: no per-step host sync
+            return self._row[idx]
         if int(idx.max()) >= len(self._row) or (r := self._row[idx]).lt(0).any():
-            raise KeyError("sample ids not in the teacher store")
+            raise ConfigError(self.field, str(self.path), "sample ids not in the teacher store")
         return r
 
     def lookup(self, idx: torch.Tensor, tap: str) -> torch.Tensor:
-        """The stored signal of ``tap`` for sample ids ``idx``, as float32."""
+        """The stored signal of ``tap`` for sample ids ``idx`` (float32, on the store's device)."""
         r = self.rows(idx)
         if tap == LOGITS and self.manifest["topk"]:
-            d = self._data
             return topk_decode(
-                d["logits.values"][r],
-                d["logits.indices"][r],
-                d["logits.lse"][r],
+                self._sig("logits.values")[r],
+                self._sig("logits.indices")[r],
+                self._sig("logits.lse")[r],
                 self.manifest["num_classes"],
             )
-        if tap not in self._data:
+        if tap not in self._keys:
             raise ConfigError(
                 "terms.teacher",
                 tap,
                 f"not in the teacher store; stored taps: {', '.join(self.taps)}",
             )
-        return self._data[tap][r].float()
+        return self._sig(tap)[r].float()
 
     def forward(self, *args, **kwargs):
         raise RuntimeError("a TeacherStore is read by sample id, not called on inputs")

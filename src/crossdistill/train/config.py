@@ -30,4 +30,5 @@ class TrainConfig:
     progress: bool = True
     strategy: str = "ddp"  # under torchrun: "ddp" | "fsdp"
     find_unused: bool = False  # DDP find_unused_parameters
+    deterministic: bool = False  # deterministic kernels (needed for exact resume on CUDA)
     extra: dict = field(default_factory=dict)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import shutil
 import time
 from dataclasses import asdict
@@ -107,6 +108,10 @@ class Trainer:
                 c.batch_size,
                 f"the global batch must divide by the {self.dist.world} processes",
             )
+        if c.deterministic:  # CPU runs are deterministic already; CUDA needs this for exactness
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark = False
         torch.manual_seed(c.seed)
         self.batches = Batches(
             self.train_data,
@@ -119,6 +124,8 @@ class Trainer:
             world=self.dist.world,
         )
         stores = [n for n, m in self.distiller.teachers.items() if getattr(m, "is_store", False)]
+        for name in stores:  # ids, dataset and transform must match what the store was made of
+            self.distiller.teachers[name].check(data=self.train_data)
         if stores and self.batches.augmenting:
             raise ConfigError(
                 "data.augment",
@@ -220,6 +227,7 @@ class Trainer:
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         model, optim = self._states()
+        state = {**self.state, "sums": self._floats(self.state["sums"])}
         if self.dist.main:
             checkpoint.save(
                 {
@@ -227,7 +235,7 @@ class Trainer:
                     "optimizer": optim,
                     "scaler": self.scaler.state_dict(),
                     "rng": rng,
-                    "state": self.state,
+                    "state": state,
                     "config": asdict(self.cfg),
                     "world": self.dist.world,
                 },
@@ -301,7 +309,8 @@ class Trainer:
                 st["batch"] = b + 1
                 if c.checkpoint_every and st["step"] % c.checkpoint_every == 0 and not last:
                     self.save_checkpoint()
-            bar.set_postfix(loss=f"{out.total.item():.3f}")
+            if c.progress and b % 10 == 0:  # .item() syncs a GPU: only when shown
+                bar.set_postfix(loss=f"{out.total.item():.3f}")
             for cb in self.callbacks:
                 getattr(cb, "on_batch_end", lambda *a: None)(self, b)
         bar.close()
@@ -345,21 +354,27 @@ class Trainer:
             on_step()
 
     def _accumulate(self, out, batch):
+        """Running sums kept as device tensors: no host sync per step (GPU stays async)."""
         sums = self.state["sums"]
-        k = len(batch["y"])
-        labelled = batch["y"] >= 0
+        y = batch["y"].to(out.logits.device)
+        k = len(y)
+        labelled = y >= 0
         add = {
-            "n": k,
-            "loss": out.total.item() * k,
-            "correct": (out.logits.argmax(1).cpu()[labelled] == batch["y"][labelled]).sum().item(),
-            "labelled": labelled.sum().item(),
+            "n": torch.tensor(float(k)),
+            "loss": out.total.detach().float() * k,
+            "correct": ((out.logits.detach().argmax(1) == y) & labelled).sum().float(),
+            "labelled": labelled.sum().float(),
         }
-        add.update({f"loss_{name}": v.item() * k for name, v in out.losses.items()})
+        add.update({f"loss_{name}": v.detach().float() * k for name, v in out.losses.items()})
         for key, v in add.items():
-            sums[key] = sums.get(key, 0) + v
+            sums[key] = sums[key] + v if key in sums else v
+
+    @staticmethod
+    def _floats(sums: dict) -> dict[str, float]:
+        return {k: float(v) for k, v in sums.items()}
 
     def _epoch_row(self, epoch: int, seconds: float) -> dict:
-        s, st = D.all_reduce_sums(self.state["sums"], self.dist), self.state
+        s, st = D.all_reduce_sums(self._floats(self.state["sums"]), self.dist), self.state
         row = {
             "epoch": epoch,
             "step": st["step"],
