@@ -87,8 +87,8 @@ def test_ddp_gradients_equal_single_process(tmp_path):
         torch.testing.assert_close(ddp[name], g, rtol=1e-4, atol=1e-6, msg=msg)
 
 
-def _fit_worker(rank, world, port, out, strategy):
-    _env(rank, world, port)
+def _fit(out=None, strategy="ddp"):
+    """The same small supervised run, in one process or as one rank of several."""
     data = {
         s: cd.data.load("digits", s, limit=n)
         for s, n in (("train", 128), ("val", 64), ("test", 64))
@@ -109,7 +109,12 @@ def _fit_worker(rank, world, port, out, strategy):
         nesterov=False,
         weight_decay=0.0,
     ).fit()
-    assert res["world"] == 2
+    return s, res
+
+
+def _fit_worker(rank, world, port, out, strategy):
+    _env(rank, world, port)
+    assert _fit(out, strategy)[1]["world"] == 2
     dist.destroy_process_group()
 
 
@@ -118,24 +123,7 @@ def test_two_process_training_matches_single(tmp_path, strategy):
     out = str(tmp_path / strategy)
     mp.spawn(_fit_worker, args=(2, _port(), out, strategy), nprocs=2, join=True)
     multi = cd.io.load_weights(os.path.join(out, "student.safetensors"))
-    data = {
-        s: cd.data.load("digits", s, limit=n)
-        for s, n in (("train", 128), ("val", 64), ("test", 64))
-    }
-    torch.manual_seed(0)
-    s = cd.models.create("mlp", num_classes=10, in_channels=1, img_size=8, hidden=(32,))
-    res = cd.Trainer(
-        cd.Distiller(s),
-        data["train"],
-        data["val"],
-        data["test"],
-        epochs=2,
-        batch_size=32,
-        lr=0.1,
-        progress=False,
-        nesterov=False,
-        weight_decay=0.0,
-    ).fit()
+    s, res = _fit()
     for k, v in s.state_dict().items():
         torch.testing.assert_close(multi[k], v, rtol=1e-4, atol=1e-5)
     assert os.path.isfile(os.path.join(out, "last.ckpt"))
