@@ -27,3 +27,4 @@ __all__ = [
     "smooth_l1",
     "sp",
 ]
+from .hetero import CrossAttentionProjector, HFDLoss, TAIDLoss, bsd, dct_mse, dml, ofa, pld  # noqa: E402,F401

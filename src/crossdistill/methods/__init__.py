@@ -24,8 +24,9 @@ class Recipe:
     note: str = ""
 
 
-def build(name: str, student: nn.Module, teacher: nn.Module | None, field: str = "method",
-          **params) -> Recipe:
+def build(
+    name: str, student: nn.Module, teacher: nn.Module | None, field: str = "method", **params
+) -> Recipe:
     """The recipe of method ``name`` for these models; unknown hyper-parameters are errors."""
     import inspect
 
@@ -34,8 +35,11 @@ def build(name: str, student: nn.Module, teacher: nn.Module | None, field: str =
     accepted = [k for k, p in sig.parameters.items() if p.kind == p.KEYWORD_ONLY]
     for k, v in params.items():
         if k not in accepted:
-            raise ConfigError(f"{field}.{k}", v, f"unknown parameter of method {name!r}; "
-                              f"allowed: {', '.join(accepted) or 'none'}")
+            raise ConfigError(
+                f"{field}.{k}",
+                v,
+                f"unknown parameter of method {name!r}; allowed: {', '.join(accepted) or 'none'}",
+            )
     out = fn(student, teacher, **params)
     return out if isinstance(out, Recipe) else Recipe(list(out))
 
@@ -44,8 +48,12 @@ def stage_tap(model: nn.Module, which: int = -1, field: str = "method") -> str:
     """A model's ``stages[which]`` path (zoo models carry ``stages``; user models pass taps)."""
     stages = getattr(model, "stages", None)
     if not stages:
-        raise ConfigError(field, type(model).__name__, "model has no `stages`; pass the tap "
-                          "paths explicitly (student_tap=..., teacher_tap=...)")
+        raise ConfigError(
+            field,
+            type(model).__name__,
+            "model has no `stages`; pass the tap "
+            "paths explicitly (student_tap=..., teacher_tap=...)",
+        )
     return stages[which]
 
 
@@ -53,11 +61,15 @@ def embedding_tap(model: nn.Module, field: str = "method") -> str:
     """The input of a model's classifier head: its penultimate embedding."""
     head = getattr(model, "feature_path", None)
     if not head:
-        raise ConfigError(field, type(model).__name__, "model has no `feature_path`; pass the "
-                          "tap paths explicitly")
+        raise ConfigError(
+            field,
+            type(model).__name__,
+            "model has no `feature_path`; pass the tap paths explicitly",
+        )
     return f"{head}:input"
 
 
 from . import classic  # noqa: E402,F401  (registers)
 
 __all__ = ["METHODS", "Recipe", "build", "embedding_tap", "stage_tap"]
+from . import collaborative, ofa, pld, scalekd, taid  # noqa: E402,F401  (registers)

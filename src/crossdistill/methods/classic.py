@@ -11,65 +11,97 @@ from ..registry import METHODS
 from . import embedding_tap, stage_tap
 
 
-@METHODS.register("scratch", paper="supervised baseline (no teacher)", year=None,
-                  family="baseline")
+@METHODS.register("scratch", paper="supervised baseline (no teacher)", year=None, family="baseline")
 def scratch(student, teacher):
     return [Term("ce")]
 
 
-@METHODS.register("kd", paper="Distilling the Knowledge in a Neural Network", year=2015,
-                  family="logits")
+@METHODS.register(
+    "kd", paper="Distilling the Knowledge in a Neural Network", year=2015, family="logits"
+)
 def kd(student, teacher, *, temperature: float = 4.0, weight: float = 0.9):
     return [Term("ce"), Term("kd", temperature=temperature, weight=weight)]
 
 
 @METHODS.register("dkd", paper="Decoupled Knowledge Distillation", year=2022, family="logits")
-def dkd(student, teacher, *, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0,
-        warmup: float = 20.0):
-    return [Term("ce"), Term("dkd", alpha=alpha, beta=beta, temperature=temperature,
-                             warmup=warmup)]
+def dkd(
+    student,
+    teacher,
+    *,
+    alpha: float = 1.0,
+    beta: float = 8.0,
+    temperature: float = 4.0,
+    warmup: float = 20.0,
+):
+    return [Term("ce"), Term("dkd", alpha=alpha, beta=beta, temperature=temperature, warmup=warmup)]
 
 
-@METHODS.register("dist", paper="Knowledge Distillation from A Stronger Teacher", year=2022,
-                  family="logits")
+@METHODS.register(
+    "dist", paper="Knowledge Distillation from A Stronger Teacher", year=2022, family="logits"
+)
 def dist(student, teacher, *, beta: float = 1.0, gamma: float = 1.0, temperature: float = 4.0):
     return [Term("ce"), Term("dist", beta=beta, gamma=gamma, temperature=temperature)]
 
 
-@METHODS.register("fitnet", paper="FitNets: Hints for Thin Deep Nets", year=2015,
-                  family="features")
-def fitnet(student, teacher, *, student_tap: str | None = None, teacher_tap: str | None = None,
-           weight: float = 100.0, projector: str = "auto"):
+@METHODS.register("fitnet", paper="FitNets: Hints for Thin Deep Nets", year=2015, family="features")
+def fitnet(
+    student,
+    teacher,
+    *,
+    student_tap: str | None = None,
+    teacher_tap: str | None = None,
+    weight: float = 100.0,
+    projector: str = "auto",
+):
     """CE + a hint (MSE) between a student stage and a teacher stage through a projector."""
     s = student_tap or stage_tap(student, -1)
     t = teacher_tap or stage_tap(teacher, -1)
     return [Term("ce"), Term("mse", student=s, teacher=t, projector=projector, weight=weight)]
 
 
-@METHODS.register("crd", paper="Contrastive Representation Distillation", year=2020,
-                  family="contrastive")
-def crd(student, teacher, *, weight: float = 0.8, kd_weight: float = 0.0,
-        num_negatives: int = 16384, temperature: float = 0.07):
+@METHODS.register(
+    "crd", paper="Contrastive Representation Distillation", year=2020, family="contrastive"
+)
+def crd(
+    student,
+    teacher,
+    *,
+    weight: float = 0.8,
+    kd_weight: float = 0.0,
+    num_negatives: int = 16384,
+    temperature: float = 0.07,
+):
     """CE + CRD on the penultimate embeddings (+ optional KD, as in the paper's CRD+KD)."""
-    terms = [Term("ce"), Term("crd", student=embedding_tap(student), teacher=embedding_tap(teacher),
-                              weight=weight, num_negatives=num_negatives, temperature=temperature)]
+    terms = [
+        Term("ce"),
+        Term(
+            "crd",
+            student=embedding_tap(student),
+            teacher=embedding_tap(teacher),
+            weight=weight,
+            num_negatives=num_negatives,
+            temperature=temperature,
+        ),
+    ]
     if kd_weight:
         terms.append(Term("kd", weight=kd_weight))
     return terms
 
 
-@METHODS.register("at", paper="Paying More Attention to Attention", year=2017,
-                  family="features")
+@METHODS.register("at", paper="Paying More Attention to Attention", year=2017, family="features")
 def at(student, teacher, *, weight: float = 1000.0):
     """CE + attention transfer on every pair of matching stages (last k of each)."""
     ss, ts = getattr(student, "stages", []), getattr(teacher, "stages", [])
     k = min(len(ss), len(ts))
-    return [Term("ce")] + [Term("at", student=s, teacher=t, weight=weight, name=f"at{i}")
-                           for i, (s, t) in enumerate(zip(ss[-k:], ts[-k:]))]
+    return [Term("ce")] + [
+        Term("at", student=s, teacher=t, weight=weight, name=f"at{i}")
+        for i, (s, t) in enumerate(zip(ss[-k:], ts[-k:]))
+    ]
 
 
-@METHODS.register("rkd", paper="Relational Knowledge Distillation", year=2019,
-                  family="relations")
+@METHODS.register("rkd", paper="Relational Knowledge Distillation", year=2019, family="relations")
 def rkd(student, teacher, *, weight: float = 1.0):
-    return [Term("ce"), Term("rkd", student=embedding_tap(student),
-                             teacher=embedding_tap(teacher), weight=weight)]
+    return [
+        Term("ce"),
+        Term("rkd", student=embedding_tap(student), teacher=embedding_tap(teacher), weight=weight),
+    ]

@@ -1,0 +1,467 @@
+"""Losses of the heterogeneous-architecture seed methods: OFA, PLD, TAID, ScaleKD, and the
+CNN-Transformer collaborative-learning pieces (DML, BSD, HFD).
+
+Every function takes student logits/features first and the teacher's second, treats the
+teacher as a constant and returns a scalar averaged over the batch. Stateful losses (TAID's
+adaptive interpolation schedule, HFD's two projectors) are ``nn.Module`` classes registered
+with ``stateful=True``. Recipes in ``crossdistill.methods`` wire these into terms.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import projectors as P
+from ..errors import ConfigError
+from ..registry import LOSSES, PROJECTORS
+from .features import _upcast
+from .logits import _check_logits, _check_temperature
+
+
+def _check(name: str, field: str, value, ok: bool, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}.{field}", value, allowed)
+
+
+def _target_mask(s: Tensor, y: Tensor | None) -> Tensor:
+    """One-hot of ``y`` (B, K); rows of unlabelled samples (``y == -1``) are all zero."""
+    mask = torch.zeros_like(s)
+    if y is None:
+        return mask
+    y = y.long()
+    lab = y >= 0
+    mask[lab] = F.one_hot(y[lab], s.shape[1]).to(s.dtype)
+    return mask
+
+
+# --------------------------------------------------------------------------------------
+# OFA-KD
+# --------------------------------------------------------------------------------------
+@LOSSES.register(
+    "ofa",
+    paper="One-for-All: Bridge the Gap Between Heterogeneous Architectures in Knowledge "
+    "Distillation",
+    year=2023,
+    inputs="logits",
+    default_weight=1.0,
+)
+def ofa(
+    s: Tensor, t: Tensor, *, y: Tensor | None = None, gamma: float = 1.0, temperature: float = 1.0
+) -> Tensor:
+    """OFA loss (Hao et al., "One-for-All: Bridge the Gap Between Heterogeneous Architectures
+    in Knowledge Distillation", NeurIPS 2023, Eq. 5):
+
+    ``L = -1/B sum_i sum_c ((p_t^c + 1[c=y_i])^gamma - 1[c=y_i]) * log p_s^c`` with
+    ``p = softmax(z / T)``. ``gamma >= 1`` (the official code's ``eps``) enlarges the weight of
+    the target class; ``gamma = 1`` is soft cross-entropy to ``p_t``. Samples with ``y = -1``
+    (unlabelled) get no target mask. As in the official ``ofa_loss`` (Hao840/OFAKD,
+    distillers/ofa.py) there is no ``T^2`` factor and the default temperature is 1; we use
+    ``log_softmax`` instead of ``log(softmax)`` for numerical safety.
+
+    Shapes: ``s``, ``t`` (B, K) logits; ``y`` (B,) labels or None.
+    """
+    _check_logits("ofa", s, t)
+    _check_temperature("ofa", temperature)
+    _check("ofa", "gamma", gamma, isinstance(gamma, (int, float)) and gamma >= 1, "a number >= 1")
+    s32, t32 = _upcast(s), _upcast(t).detach()
+    log_p_s = F.log_softmax(s32 / temperature, dim=1)
+    p_t = F.softmax(t32 / temperature, dim=1)
+    mask = _target_mask(s32, y)
+    weight = (p_t + mask).pow(gamma) - mask
+    return -(weight * log_p_s).sum(1).mean()
+
+
+# --------------------------------------------------------------------------------------
+# PLD
+# --------------------------------------------------------------------------------------
+@LOSSES.register(
+    "pld",
+    paper="PLD: A Choice-Theoretic List-Wise Knowledge Distillation",
+    year=2025,
+    inputs="logits",
+    default_weight=1.0,
+)
+def pld(s: Tensor, t: Tensor, *, y: Tensor | None = None, temperature: float = 1.0) -> Tensor:
+    """Plackett-Luce distillation ("PLD: A Choice-Theoretic List-Wise Knowledge
+    Distillation", 2025; list-wise / ListMLE form, methods.md):
+
+    ``L = 1/B sum_i sum_k alpha_k * ( logsumexp_{j >= k} z_s[pi_j] - z_s[pi_k] )``
+
+    where ``pi`` is the teacher-optimal permutation (the true label first, then the other
+    classes by descending teacher logit) and ``alpha_k = softmax(z_t / T)[pi_k]``. The ``k=1``
+    term is a cross-entropy on the label weighted by the teacher's confidence in it, so PLD
+    replaces CE + KD (use it alone).
+
+    Choice (no official code was found): ``alpha`` is the teacher's softmax *without
+    renormalisation* over the permutation (it sums to 1 over all K positions); the student
+    logits enter at temperature 1. Unlabelled samples (``y = -1`` or ``y=None``) use the pure
+    teacher ranking. The suffix logsumexp is a ``logcumsumexp`` over the flipped, gathered
+    student logits (no loops).
+
+    Shapes: ``s``, ``t`` (B, K) logits; ``y`` (B,) labels or None.
+    """
+    _check_logits("pld", s, t)
+    _check_temperature("pld", temperature)
+    s32, t32 = _upcast(s), _upcast(t).detach()
+    key = t32.clone()
+    mask = _target_mask(t32, y).bool()
+    key[mask] = math.inf  # the label goes first
+    pi = key.argsort(dim=1, descending=True)
+    alpha = F.softmax(t32 / temperature, dim=1).gather(1, pi)
+    zs = s32.gather(1, pi)
+    suffix = zs.flip(1).logcumsumexp(1).flip(1)  # suffix[k] = logsumexp_{j>=k} zs[j]
+    return (alpha * (suffix - zs)).sum(1).mean()
+
+
+# --------------------------------------------------------------------------------------
+# TAID
+# --------------------------------------------------------------------------------------
+@LOSSES.register(
+    "taid",
+    paper="TAID: Temporally Adaptive Interpolated Distillation for Efficient Knowledge "
+    "Transfer in Language Models",
+    year=2025,
+    inputs="logits",
+    default_weight=1.0,
+    stateful=True,
+)
+class TAIDLoss(nn.Module):
+    """TAID (Shing et al., Sakana AI, ICLR 2025), classification form.
+
+    Interpolated target (Eq. 2): ``p_t = softmax((1 - t) * sg(z_s) + t * z_t)`` and loss
+    ``-1/B sum_i sum_c p_t^c log softmax(z_s)^c`` (forward KL up to a constant). After each
+    optimiser step (``on_step``) the interpolation ``t`` follows the adaptive schedule
+    (Alg. 1 / official ``update_t``):
+
+    ``t_lin = t_start + (t_end - t_start) * progress``,
+    ``m = beta * m + (1 - beta) * (L_prev - L) / (L_prev + eps)``,
+    ``t = min(t_end, max(t_lin, t + alpha * sigmoid(m) * (1 - t)))``,
+
+    with ``progress = distiller.epoch / distiller.total_epochs`` and ``L`` the loss of the last
+    training forward. The first step only records ``L_prev``. ``t``, ``m``, ``L_prev`` (and the
+    last loss) are registered buffers, so they are checkpointed and resume is exact. Unlike
+    the official code (SakanaAI/TAID, src/distil_losses/taid.py) nothing is pinned to CUDA.
+    Defaults: t_start 0.4, t_end 1.0, alpha 5e-4, beta 0.99 (the paper's).
+    """
+
+    def __init__(
+        self,
+        s_shape,
+        t_shape,
+        *,
+        num_samples=None,
+        t_start: float = 0.4,
+        t_end: float = 1.0,
+        alpha: float = 5e-4,
+        beta: float = 0.99,
+        eps: float = 1e-8,
+    ):
+        super().__init__()
+        _check("taid", "t_start", t_start, 0.0 <= t_start <= 1.0, "a number in [0, 1]")
+        _check("taid", "t_end", t_end, t_start <= t_end <= 1.0, "a number in [t_start, 1]")
+        _check("taid", "alpha", alpha, alpha >= 0, "a number >= 0")
+        _check("taid", "beta", beta, 0.0 <= beta < 1.0, "a number in [0, 1)")
+        if len(s_shape) != 2 or t_shape is None or tuple(s_shape) != tuple(t_shape):
+            raise ConfigError(
+                "taid.inputs", f"{s_shape} vs {t_shape}", "two (batch, classes) logit tensors"
+            )
+        self.t_start, self.t_end, self.alpha, self.beta, self.eps = (
+            float(t_start),
+            float(t_end),
+            float(alpha),
+            float(beta),
+            float(eps),
+        )
+        self.register_buffer("t", torch.tensor(float(t_start), dtype=torch.float64))
+        self.register_buffer("m", torch.tensor(0.0, dtype=torch.float64))
+        self.register_buffer("L_prev", torch.tensor(math.nan, dtype=torch.float64))
+        self.register_buffer("last", torch.tensor(math.nan, dtype=torch.float64))
+
+    def forward(self, s: Tensor, t: Tensor, *, y=None, idx=None, **_) -> Tensor:
+        s32, t32 = _upcast(s), _upcast(t).detach()
+        w = float(self.t)
+        target = F.softmax((1.0 - w) * s32.detach() + w * t32, dim=1)
+        loss = -(target * F.log_softmax(s32, dim=1)).sum(1).mean()
+        if self.training:
+            self.last.fill_(loss.detach().double().item())
+        return loss
+
+    @torch.no_grad()
+    def update(self, loss: float, progress: float) -> None:
+        """One step of the adaptive schedule with the latest loss and progress in [0, 1]."""
+        if not math.isfinite(loss):
+            return
+        t_lin = self.t_start + (self.t_end - self.t_start) * min(max(progress, 0.0), 1.0)
+        if math.isnan(float(self.L_prev)):
+            self.L_prev.fill_(loss)
+            self.t.fill_(min(self.t_end, max(t_lin, float(self.t))))
+            return
+        prev = float(self.L_prev)
+        m = self.beta * float(self.m) + (1.0 - self.beta) * (prev - loss) / (prev + self.eps)
+        t = float(self.t)
+        t = min(self.t_end, max(t_lin, t + self.alpha * (1.0 / (1.0 + math.exp(-m))) * (1.0 - t)))
+        self.m.fill_(m)
+        self.t.fill_(t)
+        self.L_prev.fill_(loss)
+
+    def on_step(self, distiller) -> None:
+        total = max(float(getattr(distiller, "total_epochs", 1) or 1), 1e-12)
+        self.update(float(self.last), float(getattr(distiller, "epoch", 0.0)) / total)
+
+
+# --------------------------------------------------------------------------------------
+# ScaleKD: DCT frequency mimicking, cross-attention projector
+# --------------------------------------------------------------------------------------
+def dct_matrix(n: int, dtype=torch.float64, device=None) -> Tensor:
+    """Orthonormal DCT-II matrix ``D`` (n, n): ``X = D @ x`` is the DCT-II of ``x``."""
+    k = torch.arange(n, dtype=dtype, device=device)[:, None]
+    i = torch.arange(n, dtype=dtype, device=device)[None, :]
+    d = torch.cos(math.pi * (2 * i + 1) * k / (2 * n)) * math.sqrt(2.0 / n)
+    d[0] = d[0] / math.sqrt(2.0)
+    return d
+
+
+def dct2(x: Tensor) -> Tensor:
+    """Orthonormal 2-D DCT-II over the last two dims, by two matrix multiplies."""
+    h, w = x.shape[-2:]
+    dh = dct_matrix(h, x.dtype, x.device)
+    dw = dct_matrix(w, x.dtype, x.device)
+    return dh @ x @ dw.T
+
+
+def as_map(x: Tensor) -> Tensor:
+    """Per-sample feature -> (B, C, H, W): maps pass, square-grid tokens (cls dropped) are
+    laid out on their grid, other token sets are treated as a (1, N, D) image."""
+    if x.dim() == 4:
+        return x
+    if x.dim() == 3:
+        if P.grid_of(x.shape[1]) is not None:
+            return P.tokens_to_map(x)
+        return x.unsqueeze(1)
+    raise ConfigError("dct_mse.inputs", tuple(x.shape), "a (B,C,H,W) map or (B,N,D) tokens")
+
+
+@LOSSES.register(
+    "dct_mse",
+    paper="ScaleKD: Strong Vision Transformers Could Be Excellent Teachers",
+    year=2024,
+    inputs="features",
+    default_weight=0.06,
+)
+def dct_mse(s: Tensor, t: Tensor) -> Tensor:
+    """Frequency-domain feature mimicking of ScaleKD (Fan et al., NeurIPS 2024, Sec. 3.2
+    "dual-view feature mimicking"): ``MSE(DCT2(F_s) * M, DCT2(F_t) * M)`` where ``DCT2`` is
+    the orthonormal 2-D DCT-II over the spatial grid and ``M`` zeroes the DC (zero-frequency)
+    coefficient, so the term ignores the per-channel mean and stresses the rest of the
+    spectrum. Token features are laid on their patch grid (a cls token is dropped). The mean
+    is over all remaining elements (official code, deep-optimization/ScaleKD fmdv2.py, sums
+    and divides by the batch; our mean only rescales the weight). Default weight 0.06.
+
+    Shapes: equal ``s``, ``t`` of (B, C, H, W) or (B, N, D).
+    """
+    if s.shape != t.shape:
+        raise ConfigError("dct_mse.inputs", f"{tuple(s.shape)} vs {tuple(t.shape)}", "equal shapes")
+    fs, ft = dct2(as_map(_upcast(s))), dct2(as_map(_upcast(t).detach()))
+    mask = torch.ones(fs.shape[-2:], dtype=fs.dtype, device=fs.device)
+    mask[0, 0] = 0.0
+    return ((fs - ft) * mask).pow(2).mean()
+
+
+@PROJECTORS.register("cross_attention")
+class CrossAttentionProjector(nn.Module):
+    """ScaleKD's cross-attention projector: ``N_t`` learnable queries (the teacher's token
+    count, or H*W of a teacher map) attend to the student's tokens (a CNN map is flattened to
+    H*W tokens; a vector is one token), keys/values are the student tokens linearly embedded
+    into the teacher width plus a learnable position embedding. Output: the teacher feature's
+    per-sample shape. One multi-head attention layer plus a residual MLP (our size choice).
+    """
+
+    def __init__(self, s_shape, t_shape, *, heads: int = 4):
+        super().__init__()
+        s_shape, t_shape = tuple(s_shape), tuple(t_shape)
+        if len(t_shape) == 3:
+            n_t, d_t = t_shape[1] * t_shape[2], t_shape[0]
+        elif len(t_shape) == 2:
+            n_t, d_t = t_shape
+        else:
+            raise ConfigError(
+                "projector", "cross_attention", f"teacher side must be (C,H,W) or (N,D): {t_shape}"
+            )
+        if len(s_shape) == 3:
+            n_s, d_s = s_shape[1] * s_shape[2], s_shape[0]
+        elif len(s_shape) == 2:
+            n_s, d_s = s_shape
+        elif len(s_shape) == 1:
+            n_s, d_s = 1, s_shape[0]
+        else:
+            raise ConfigError("projector", "cross_attention", f"bad student shape {s_shape}")
+        heads = math.gcd(heads, d_t) or 1
+        self.t_shape = t_shape
+        self.embed = nn.Linear(d_s, d_t)
+        self.pos = nn.Parameter(torch.zeros(1, n_s, d_t))
+        self.queries = nn.Parameter(torch.randn(1, n_t, d_t) * 0.02)
+        self.attn = nn.MultiheadAttention(d_t, heads, batch_first=True)
+        self.norm = nn.LayerNorm(d_t)
+        self.mlp = nn.Sequential(nn.Linear(d_t, 2 * d_t), nn.GELU(), nn.Linear(2 * d_t, d_t))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 4:
+            x = x.flatten(2).transpose(1, 2)
+        elif x.dim() == 2:
+            x = x.unsqueeze(1)
+        kv = self.embed(x) + self.pos
+        q = self.queries.expand(x.shape[0], -1, -1)
+        out, _ = self.attn(q, kv, kv, need_weights=False)
+        out = out + self.mlp(self.norm(out))
+        if len(self.t_shape) == 3:
+            c, h, w = self.t_shape
+            out = out.transpose(1, 2).reshape(x.shape[0], c, h, w)
+        return out
+
+
+# --------------------------------------------------------------------------------------
+# Collaborative learning: DML, BSD, HFD
+# --------------------------------------------------------------------------------------
+def _pair_logits(name: str, s) -> tuple[Tensor, Tensor]:
+    if not isinstance(s, (list, tuple)) or len(s) != 2:
+        raise ConfigError(
+            f"{name}.student",
+            s if not isinstance(s, Tensor) else tuple(s.shape),
+            "a list of two taps: the logits of model A and of model B",
+        )
+    a, b = s
+    _check_logits(name, a, b)
+    return _upcast(a), _upcast(b)
+
+
+@LOSSES.register(
+    "dml",
+    paper="Deep Mutual Learning",
+    year=2018,
+    inputs="logits",
+    default_weight=1.0,
+)
+def dml(s, t=None, *, temperature: float = 1.0) -> Tensor:
+    """Deep mutual learning (Zhang, Xiang, Hospedales & Lu, CVPR 2018, Eqs. 2 and 4): the
+    symmetric KL between two peers trained together,
+    ``KL(sg(p_b) || p_a) + KL(sg(p_a) || p_b)`` (batch mean, ``T^2``-scaled; T=1 in the paper).
+    Each direction treats the other peer as a constant, exactly as the paper's alternating
+    updates do within one step.
+
+    ``s``: a list ``[z_a, z_b]`` of two (B, K) logits (a multi-tap term with no teacher).
+    """
+    a, b = _pair_logits("dml", s)
+    _check_temperature("dml", temperature)
+    T = temperature
+    kl_ab = F.kl_div(F.log_softmax(a / T, 1), F.softmax(b.detach() / T, 1), reduction="batchmean")
+    kl_ba = F.kl_div(F.log_softmax(b / T, 1), F.softmax(a.detach() / T, 1), reduction="batchmean")
+    return (kl_ab + kl_ba) * T * T
+
+
+@LOSSES.register(
+    "bsd",
+    paper="A Good Student is Cooperative and Reliable: CNN-Transformer Collaborative "
+    "Learning for Semantic Segmentation (BSD)",
+    year=2023,
+    inputs="logits",
+    default_weight=1.0,
+)
+def bsd(s, t=None, *, y: Tensor | None = None, temperature: float = 1.0) -> Tensor:
+    """Bidirectional selective distillation, per-sample form (Zhu et al., "A Good Student is
+    Cooperative and Reliable: CNN-Transformer Collaborative Learning for Semantic
+    Segmentation", ICCV 2023, pixel-wise BSD recast per sample).
+
+    For every sample the peer with the lower cross-entropy on the label teaches the other:
+    ``L = 1/B sum_i [ 1[CE_a,i < CE_b,i] KL(sg(p_a,i) || p_b,i) + 1[CE_b,i < CE_a,i]
+    KL(sg(p_b,i) || p_a,i) ] * T^2``. Unlabelled samples (``y = -1``/None) select the peer
+    with the higher max-probability (more confident). Ties transfer nothing. Deviation: the
+    paper also selects region-wise on feature-map regions; we implement the per-sample
+    (logit) selection only, as methods.md prescribes for classification.
+
+    ``s``: ``[z_a, z_b]`` two (B, K) logits; ``y`` (B,) labels.
+    """
+    a, b = _pair_logits("bsd", s)
+    _check_temperature("bsd", temperature)
+    T = temperature
+    with torch.no_grad():
+        la, lb = F.log_softmax(a, 1), F.log_softmax(b, 1)
+        # "loss" of each peer per sample: CE on the label, or -max log prob when unlabelled
+        score_a, score_b = -la.max(1).values, -lb.max(1).values
+        if y is not None:
+            y = y.long()
+            lab = y >= 0
+            yy = y.clamp(min=0)[:, None]
+            score_a = torch.where(lab, -la.gather(1, yy)[:, 0], score_a)
+            score_b = torch.where(lab, -lb.gather(1, yy)[:, 0], score_b)
+        a_teaches = (score_a < score_b).to(a.dtype)
+        b_teaches = (score_b < score_a).to(a.dtype)
+
+    def kl_rows(student, teacher):
+        p_t = F.softmax(teacher.detach() / T, 1)
+        return (p_t * (F.log_softmax(teacher.detach() / T, 1) - F.log_softmax(student / T, 1))).sum(
+            1
+        )
+
+    rows = a_teaches * kl_rows(b, a) + b_teaches * kl_rows(a, b)
+    return rows.mean() * T * T
+
+
+class _VectorToMap(nn.Module):
+    """(D,) -> (C, H, W): a linear map to C channels, constant over the H x W grid."""
+
+    def __init__(self, s_shape, t_shape):
+        super().__init__()
+        self.size = tuple(t_shape[1:])
+        self.proj = nn.Linear(s_shape[0], t_shape[0])
+
+    def forward(self, x):
+        return self.proj(x)[:, :, None, None].expand(-1, -1, *self.size)
+
+
+@LOSSES.register(
+    "hfd",
+    paper="A Good Student is Cooperative and Reliable: CNN-Transformer Collaborative "
+    "Learning for Semantic Segmentation (HFD)",
+    year=2023,
+    inputs="features",
+    default_weight=1.0,
+    stateful=True,
+)
+class HFDLoss(nn.Module):
+    """Heterogeneous feature distillation (Zhu et al., "A Good Student is Cooperative and
+    Reliable", ICCV 2023, HFD): the low-layer
+    features of each peer are projected into the other's feature space and matched with MSE,
+    the target detached: ``MSE(P_ab(F_a), sg(F_b)) + MSE(P_ba(F_b), sg(F_a))``. The two
+    projectors are ``"auto"`` projectors (1x1 conv for maps, tokens<->map reshapes, linear
+    for tokens, pool + linear for map -> vector) built from the tapped shapes, and for
+    vector -> map a linear map to the channels broadcast over the grid (our choice, cheap);
+    they train with the peers.
+
+    ``s``: ``[F_a, F_b]`` (a multi-tap term with no teacher).
+    """
+
+    def __init__(self, s_shapes, t_shapes=None, *, num_samples=None, projector: str = "auto"):
+        super().__init__()
+        if (
+            not isinstance(s_shapes, (list, tuple))
+            or len(s_shapes) != 2
+            or not isinstance(s_shapes[0], (list, tuple))
+        ):
+            raise ConfigError("hfd.student", s_shapes, "a list of two taps, one per peer")
+        sa, sb = (tuple(x[1:]) for x in s_shapes)
+        self.ab = self._build(projector, sa, sb)
+        self.ba = self._build(projector, sb, sa)
+
+    @staticmethod
+    def _build(name, s_shape, t_shape):
+        if name == "auto" and len(t_shape) == 3 and len(s_shape) == 1:
+            return _VectorToMap(s_shape, t_shape)  # "auto" has no vector -> map bridge
+        return P.build(name, s_shape, t_shape, "hfd.projector")
+
+    def forward(self, s, t=None, *, y=None, idx=None, **_) -> Tensor:
+        fa, fb = s
+        return F.mse_loss(self.ab(fa), fb.detach()) + F.mse_loss(self.ba(fb), fa.detach())
