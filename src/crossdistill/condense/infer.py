@@ -52,9 +52,8 @@ from .sre2l import (
     EnsembleRelabel,
     clip_bounds,
     cosine_lr,
-    freeze,
     jitter,
-    train_models,
+    squeeze,
 )
 
 
@@ -127,19 +126,7 @@ class INFER(Condenser):
         self.strict_budget, self.temperature = strict_budget, temperature
 
     def init(self, real: RealSampler) -> None:
-        if self.given_models is not None:
-            self.models, self.accs = freeze(self.given_models, self.device), []
-        else:
-            self.models, self.accs = train_models(
-                self.pool,
-                real,
-                epochs=self.committee_epochs,
-                lr=self.committee_lr,
-                holdout=self.holdout,
-                seed=self.seed,
-                device=self.device,
-                cache_dir=self.cache_dir,
-            )
+        self.models, self.accs = squeeze(self, real, given_accs=[])
         self.hooks = [BNStatsHooks(m, self.first_bn_multiplier) for m in self.models]
         k, m = self.num_classes, len(self.models)
         self.n_real, self.n_ufc = infer_budget(self.ipc, k, m, self.strict_budget)

@@ -56,9 +56,8 @@ from .sre2l import (
     BNStatsHooks,
     clip_bounds,
     cosine_lr,
-    freeze,
     jitter,
-    train_models,
+    squeeze,
 )
 
 
@@ -230,19 +229,7 @@ class NRRDD(Condenser):
         return pool[order[: self.ipc]]
 
     def init(self, real: RealSampler) -> None:
-        if self.given_models is not None:
-            self.models, self.accs = freeze(self.given_models, self.device), []
-        else:
-            self.models, self.accs = train_models(
-                self.pool,
-                real,
-                epochs=self.committee_epochs,
-                lr=self.committee_lr,
-                holdout=self.holdout,
-                seed=self.seed,
-                device=self.device,
-                cache_dir=self.cache_dir,
-            )
+        self.models, self.accs = squeeze(self, real, given_accs=[])
         self.model = self.models[0]
         self.hooks = BNStatsHooks(self.model, self.first_bn_multiplier)
         layer = self.cam_layer or getattr(self.model, "stages", [None])[-1]

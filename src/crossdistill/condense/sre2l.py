@@ -353,6 +353,25 @@ def clip_bounds(real: RealSampler) -> tuple[torch.Tensor, torch.Tensor]:
 # --------------------------------------------------------------------------------------------
 # recovery engine shared by sre2l and cvdd
 # --------------------------------------------------------------------------------------------
+def squeeze(
+    c: Condenser, real: RealSampler, given_accs: list[float] | None = None
+) -> tuple[list[nn.Module], list[float]]:
+    """A condenser's models: its ``given_models`` (frozen, with ``given_accs``), or its
+    ``pool`` trained on the real data with its committee settings (cached by hash)."""
+    if c.given_models is not None:
+        return freeze(c.given_models, c.device), given_accs
+    return train_models(
+        c.pool,
+        real,
+        epochs=c.committee_epochs,
+        lr=c.committee_lr,
+        holdout=c.holdout,
+        seed=c.seed,
+        device=c.device,
+        cache_dir=c.cache_dir,
+    )
+
+
 class RecoverCondenser(Condenser):
     """Recover ``ipc`` groups of one-image-per-class batches under a committee of frozen models.
 
@@ -422,20 +441,11 @@ class RecoverCondenser(Condenser):
 
     # -- squeeze ---------------------------------------------------------------------------
     def _models(self, real: RealSampler) -> tuple[list[nn.Module], list[float]]:
-        if self.given_models is not None:
-            models = freeze(self.given_models, self.device)
-            accs = list(self.given_accs) if self.given_accs is not None else [100.0] * len(models)
-            return models, accs
-        return train_models(
-            self.pool,
-            real,
-            epochs=self.committee_epochs,
-            lr=self.committee_lr,
-            holdout=self.holdout,
-            seed=self.seed,
-            device=self.device,
-            cache_dir=self.cache_dir,
-        )
+        given = self.given_models
+        accs = None
+        if given is not None:
+            accs = list(self.given_accs) if self.given_accs is not None else [100.0] * len(given)
+        return squeeze(self, real, accs)
 
     def _committees(self, accs: list[float]) -> list[tuple[int, ...]]:
         """Committee of each group: all members if size == pool, the single best (hold-out
