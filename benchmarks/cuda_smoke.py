@@ -28,16 +28,26 @@ def methods_on(dev, teacher, tr, va) -> dict:
     for name in methods.METHODS.names():
         try:
             torch.manual_seed(0)
-            s = cd.models.create("vit", num_classes=10, in_channels=1, img_size=8, patch=2,
-                                 dim=32, depth=2)
+            s = cd.models.create(
+                "vit", num_classes=10, in_channels=1, img_size=8, patch=2, dim=32, depth=2
+            )
             t = teacher
             if name in ("collaborative", "dml"):
                 c = cd.models.create("cnn", num_classes=10, in_channels=1, img_size=8)
                 s, t = CollaborativePair(c, s), None
             recipe = methods.build(name, s, t)
             d = cd.Distiller(s, t, recipe.terms, hooks=recipe.hooks, num_samples=2000)
-            r = cd.Trainer(d, tr, va, epochs=1, optimizer="adamw", lr=2e-3, device=dev,
-                           amp=True, progress=False).fit()
+            r = cd.Trainer(
+                d,
+                tr,
+                va,
+                epochs=1,
+                optimizer="adamw",
+                lr=2e-3,
+                device=dev,
+                amp=True,
+                progress=False,
+            ).fit()
             res[name] = round(r["best_val_acc"], 3)
         except Exception as err:  # report every failure, keep checking the rest
             res[name] = f"ERROR {type(err).__name__}: {err}"[:300]
@@ -51,8 +61,9 @@ def condensers_on(dev, tr) -> dict:
     res = {}
     for name in CONDENSERS.names():
         try:
-            c = CONDENSERS.get(name)(ipc=1, num_classes=10, input_shape=(1, 8, 8), device=dev,
-                                     seed=0, iterations=2)
+            c = CONDENSERS.get(name)(
+                ipc=1, num_classes=10, input_shape=(1, 8, 8), device=dev, seed=0, iterations=2
+            )
             real = RealSampler(tr, seed=0, device=dev)
             c.init(real)
             for it in range(2):
@@ -96,31 +107,14 @@ def main(argv=None) -> dict:
         cd.Term("mse", student="blocks.2", teacher="layer3", projector="auto", weight=1.0),
     ]
     s = student()
+    kd = dict(epochs=6, optimizer="adamw", lr=2e-3, device=dev, progress=False)
     out["online_kd_amp"] = cd.Trainer(
-        cd.Distiller(s, teacher, terms),
-        tr,
-        va,
-        te,
-        epochs=6,
-        optimizer="adamw",
-        lr=2e-3,
-        amp=True,
-        device=dev,
-        progress=False,
-        out_dir=tmp / "kd",
+        cd.Distiller(s, teacher, terms), tr, va, te, amp=True, out_dir=tmp / "kd", **kd
     ).fit()["test_acc"]
     cache_teacher(teacher, tr, tmp / "store", taps=["layer3"], device=dev, progress=False)
     s = student()
     out["stored_kd"] = cd.Trainer(
-        cd.Distiller(s, TeacherStore(tmp / "store"), terms),
-        tr,
-        va,
-        te,
-        epochs=6,
-        optimizer="adamw",
-        lr=2e-3,
-        device=dev,
-        progress=False,
+        cd.Distiller(s, TeacherStore(tmp / "store"), terms), tr, va, te, **kd
     ).fit()["test_acc"]
     torch.manual_seed(5)
     t2 = cd.models.create("cnn", num_classes=10, in_channels=1, img_size=8)
