@@ -1,5 +1,6 @@
 """Golden values (numpy, written independently), float64 gradchecks and input checks for the
-heterogeneous-KD losses: ofa, pld, taid, dct_mse, dml, bsd, hfd, cross-attention projector."""
+heterogeneous-KD losses: ofa, pld, taid, dct_mse, dml, bsd, bsd_region (+ region heads), hfd,
+cross-attention projector."""
 
 import math
 
@@ -11,8 +12,11 @@ from crossdistill.errors import ConfigError
 from crossdistill.losses.hetero import (
     CrossAttentionProjector,
     HFDLoss,
+    RegionBSDLoss,
+    RegionHead,
     TAIDLoss,
     bsd,
+    bsd_region,
     dct2,
     dct_mse,
     dml,
@@ -314,6 +318,184 @@ def test_bsd_gradcheck_and_teacher_side_detached():
     a1, b1 = tt(S[:1]).requires_grad_(), tt(T[:1]).requires_grad_()
     bsd([a1, b1], y=torch.tensor([1])).backward()  # class 1: b (teacher logits) is better
     assert torch.count_nonzero(b1.grad) == 0 and torch.count_nonzero(a1.grad) > 0
+
+
+# --- region-wise BSD ---------------------------------------------------------------------
+# two samples x two regions x three classes; sample 1 is unlabelled in the mixed-label case
+RA = np.array([[[1.0, 0.2, -0.5], [0.1, 0.9, 0.3]], [[0.4, -1.0, 1.2], [2.0, 0.5, 0.0]]])
+RB = np.array([[[0.3, 0.8, 0.0], [1.5, 0.2, -0.4]], [[-0.2, 0.1, 0.6], [0.7, 1.1, -0.3]]])
+
+
+def np_bsd_region(ra, rb, y, temp, ce_weight):
+    """Region-wise BSD written out per sample and region (no vectorisation)."""
+    kd, ce, n_lab = [], 0.0, 0
+    for i in range(ra.shape[0]):
+        ce_i = 0.0
+        for r in range(ra.shape[1]):
+            la, lb = log_softmax(ra[i, r]), log_softmax(rb[i, r])
+            if y[i] >= 0:
+                score_a, score_b = -la[y[i]], -lb[y[i]]
+                ce_i += (-la[y[i]] - lb[y[i]]) / ra.shape[1]
+            else:
+                score_a, score_b = -la.max(), -lb.max()
+            pa, pb = softmax(ra[i, r] / temp), softmax(rb[i, r] / temp)
+            if score_a < score_b:  # a teaches b
+                kd.append(temp**2 * (pa * (np.log(pa) - np.log(pb))).sum())
+            elif score_b < score_a:
+                kd.append(temp**2 * (pb * (np.log(pb) - np.log(pa))).sum())
+            else:
+                kd.append(0.0)
+        if y[i] >= 0:
+            ce, n_lab = ce + ce_i, n_lab + 1
+    return np.mean(kd) + ce_weight * ce / max(n_lab, 1)
+
+
+def test_bsd_region_golden_by_hand():
+    # one sample, label 0, two regions; T = 1
+    # region 0: a uniform (CE ln 3), b = [ln 2, 0, 0] -> p_b = (1/2, 1/4, 1/4), CE ln 2: b teaches,
+    #   KL(p_b || u) = 1/2 ln(3/2) + 2 * 1/4 ln(3/4) = 1/2 ln(9/8)
+    # region 1: a = [ln 4, 0, 0] -> p_a = (2/3, 1/6, 1/6), CE ln(3/2); b uniform (CE ln 3): a
+    #   teaches, KL(p_a || u) = 2/3 ln 2 + 1/3 ln(1/2) = 1/3 ln 2
+    # region CE: mean over regions of CE_a + CE_b = (ln 6 + ln(9/2)) / 2 = 3/2 ln 3
+    ra = tt([[[0.0, 0.0, 0.0], [math.log(4), 0.0, 0.0]]])
+    rb = tt([[[math.log(2), 0.0, 0.0], [0.0, 0.0, 0.0]]])
+    kd = (0.5 * math.log(9 / 8) + math.log(2) / 3) / 2
+    y = torch.tensor([0])
+    assert bsd_region([ra, rb], y=y, ce_weight=0.0).item() == pytest.approx(kd, rel=1e-12)
+    want = kd + 1.5 * math.log(3)
+    assert bsd_region([ra, rb], y=y).item() == pytest.approx(want, rel=1e-12)
+    assert bsd_region([ra, rb], y=y, ce_weight=0.5).item() == pytest.approx(
+        kd + 0.75 * math.log(3), rel=1e-12
+    )
+
+
+@pytest.mark.parametrize("y", [[0, 2], [1, -1], [-1, -1]])
+@pytest.mark.parametrize("temp", [1.0, 2.0])
+def test_bsd_region_golden(y, temp):
+    got = bsd_region([tt(RA), tt(RB)], y=torch.tensor(y), temperature=temp).item()
+    assert got == pytest.approx(np_bsd_region(RA, RB, np.array(y), temp, 1.0), rel=1e-10)
+    if y == [-1, -1]:  # no labels: y=None is the same, and there is no CE
+        assert bsd_region([tt(RA), tt(RB)], temperature=temp).item() == pytest.approx(got)
+
+
+def test_bsd_region_ties_transfer_nothing():
+    # equal CE on the label (the other classes swapped): a tie, no KL although p_a != p_b
+    ra, rb = tt([[[2.0, 0.0, 1.0]] * 2]), tt([[[2.0, 1.0, 0.0]] * 2])
+    ra.requires_grad_(), rb.requires_grad_()
+    loss = bsd_region([ra, rb], y=torch.tensor([0]), ce_weight=0.0)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert torch.count_nonzero(ra.grad) == 0 and torch.count_nonzero(rb.grad) == 0
+    # unlabelled, equal max probability: also a tie
+    assert bsd_region([ra, rb], y=torch.tensor([-1])).item() == 0.0
+
+
+def test_bsd_region_unlabelled_selects_the_more_confident_peer():
+    # a is confident in class 2, b in class 0 (less so): unlabelled -> a teaches; with label 0
+    # b's CE is lower -> b teaches
+    ra, rb = tt([[[0.0, 0.0, 3.0]]]), tt([[[1.0, 0.0, 0.0]]])
+    pa, pb = softmax(np.array([0.0, 0.0, 3.0])), softmax(np.array([1.0, 0.0, 0.0]))
+    a_teaches = (pa * (np.log(pa) - np.log(pb))).sum()
+    b_teaches = (pb * (np.log(pb) - np.log(pa))).sum()
+    got_u = bsd_region([ra, rb], y=torch.tensor([-1])).item()
+    assert got_u == pytest.approx(a_teaches, rel=1e-12)
+    got_l = bsd_region([ra, rb], y=torch.tensor([0]), ce_weight=0.0).item()
+    assert got_l == pytest.approx(b_teaches, rel=1e-12)
+
+
+def test_bsd_region_gradcheck():
+    # b's regions are better than a's everywhere (label margin 4, and more confident when
+    # unlabelled), so a learns in every region and the selection cannot flip under the
+    # finite differences: the loss is smooth in a
+    y = torch.tensor([0, -1])
+    rb = tt(RB).clone()
+    rb[0, :, 0] += 4.0
+    rb[1] *= 4.0
+    ra = tt(RA).requires_grad_()
+    z = rb.clone().requires_grad_()
+    bsd_region([ra, z], y=y, ce_weight=0.0).backward()
+    assert torch.count_nonzero(z.grad) == 0 and torch.count_nonzero(ra.grad) == ra.numel()
+    for temp in (1.0, 2.0):
+        f = lambda x, temp=temp: bsd_region([x, rb], y=y, temperature=temp)  # noqa: E731
+        assert torch.autograd.gradcheck(f, (ra,))
+    # mixed selection: the teaching side of each region gets only its own CE gradient
+    yy = torch.tensor([0, 2])
+    la, lb = torch.log_softmax(tt(RA), -1), torch.log_softmax(tt(RB), -1)
+    idx = yy[:, None, None].expand(-1, 2, 1)
+    ce_a, ce_b = -la.gather(-1, idx)[..., 0], -lb.gather(-1, idx)[..., 0]
+    a_teaches, b_teaches = (ce_a < ce_b).double(), (ce_b < ce_a).double()
+    assert 0 < a_teaches.sum() < 4  # both directions are exercised
+
+    def surrogate(x, z):  # selection and KL targets frozen at RA/RB
+        kl = lambda lp_t, s: (lp_t.exp() * (lp_t - torch.log_softmax(s, -1))).sum(-1)  # noqa: E731
+        kd = (a_teaches * kl(la, z) + b_teaches * kl(lb, x)).mean()
+        lx, lz = torch.log_softmax(x, -1), torch.log_softmax(z, -1)
+        return kd - (lx.gather(-1, idx) + lz.gather(-1, idx)).mean()
+
+    check_stopgrad(lambda x, z: bsd_region([x, z], y=yy), surrogate, tt(RA), tt(RB))
+
+
+def test_bsd_region_input_errors():
+    with pytest.raises(ConfigError, match="bsd_region.student"):
+        bsd_region(tt(RA))
+    with pytest.raises(ConfigError, match="bsd_region.inputs"):
+        bsd_region([tt(S), tt(T)])  # (B, K) logits are not region logits
+    with pytest.raises(ConfigError, match="bsd_region.inputs"):
+        bsd_region([tt(RA), tt(RB[:, :1])])
+    with pytest.raises(ConfigError, match="temperature"):
+        bsd_region([tt(RA), tt(RB)], temperature=0.0)
+    with pytest.raises(ConfigError, match="ce_weight"):
+        bsd_region([tt(RA), tt(RB)], ce_weight=-1.0)
+    assert LOSSES.meta("bsd_region")["paper"] and not LOSSES.meta("bsd_region").get("stateful")
+    assert LOSSES.meta("bsd_region_heads")["stateful"]
+
+
+def test_region_head_maps_and_tokens():
+    torch.manual_seed(0)
+    head = RegionHead((8, 4, 4), (10,))
+    x = torch.randn(2, 8, 4, 4)
+    out = head(x)
+    assert out.shape == (2, 4, 10)  # grid 2 -> 4 regions, row-major
+    assert torch.allclose(out[:, 0], head.fc(x[:, :, :2, :2].mean((2, 3))), atol=1e-6)
+    assert torch.allclose(out[:, 3], head.fc(x[:, :, 2:, 2:].mean((2, 3))), atol=1e-6)
+    assert RegionHead((8, 6, 6), (10,), grid=3)(torch.randn(2, 8, 6, 6)).shape == (2, 9, 10)
+    # ViT tokens: a leading cls token (17 = 4x4 + 1) is dropped; 16 tokens have none
+    head = RegionHead((17, 16), (10,))
+    tok = torch.randn(2, 17, 16)
+    grid = tok[:, 1:].transpose(1, 2).reshape(2, 16, 4, 4)
+    assert torch.allclose(head(tok)[:, 0], head.fc(grid[:, :, :2, :2].mean((2, 3))), atol=1e-6)
+    assert RegionHead((16, 16), (10,))(torch.randn(2, 16, 16)).shape == (2, 4, 10)
+    # an MLP's vector: its one prediction stands for every region
+    head = RegionHead((32,), (10,))
+    v = torch.randn(2, 32)
+    assert torch.equal(head(v), head.fc(v)[:, None].expand(2, 4, 10))
+    for s_shape, t_shape, kw in [
+        ((15, 16), (10,), {}),
+        ((8, 4, 4), (8, 4, 4), {}),
+        ((8, 4, 4), (10,), {"grid": 0}),
+    ]:
+        with pytest.raises(ConfigError):
+            RegionHead(s_shape, t_shape, **kw)
+
+
+def test_region_bsd_module_heads_feed_bsd_region():
+    torch.manual_seed(0)
+    mod = RegionBSDLoss([(2, 8, 4, 4), (2, 17, 16), (2, 5), (2, 5)], temperature=2.0).double()
+    fa = torch.randn(2, 8, 4, 4, dtype=torch.float64)
+    fb = torch.randn(2, 17, 16, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([1, -1])
+    loss = mod([fa, fb, None, None], y=y)
+    ref = bsd_region([mod.a(fa), mod.b(fb)], y=y, temperature=2.0)
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-12)
+    loss.backward()
+    assert all(p.grad is not None for p in mod.parameters()) and fb.grad is not None
+    for bad in [
+        [(2, 8, 4, 4), (2, 17, 16)],
+        (2, 8, 4, 4),
+        [(2, 8, 4, 4), (2, 17, 16), (2, 5), (2, 6)],
+    ]:
+        with pytest.raises(ConfigError):
+            RegionBSDLoss(bad)
 
 
 def test_hfd_module_both_ways_detached_targets():

@@ -206,6 +206,50 @@ def test_collaborative_and_dml_end_to_end(digits):
     assert torch.allclose(pair(x), (a(x) + b(x)) / 2)
 
 
+@pytest.mark.parametrize(
+    "mode,losses",
+    [
+        ("sample", ["ce", "ce", "hfd", "bsd"]),
+        ("region", ["ce", "ce", "hfd", "bsd_region_heads"]),
+        ("both", ["ce", "ce", "hfd", "bsd", "bsd_region_heads"]),
+    ],
+)
+def test_collaborative_bsd_modes(mode, losses):
+    a, b = _models("resnet", "vit")
+    recipe = build("collaborative", CollaborativePair(a, b), None, bsd=mode, regions=3)
+    assert [t.loss for t in recipe.terms] == losses
+    if mode != "sample":  # region taps default to each member's last stage
+        term = recipe.terms[-1]
+        assert [str(x) for x in term.student] == ["a.layer3", "b.blocks.1", "a", "b"]
+        assert term.params["grid"] == 3 and term.name == "bsd_region"
+
+
+def test_collaborative_region_bsd_end_to_end(digits):
+    a, b = _models("resnet", "vit")
+    pair = CollaborativePair(a, b)
+    recipe = build("collaborative", pair, None, bsd="both", temperature=2.0)
+    d = Distiller(pair, None, recipe.terms)
+    trainer = Trainer(d, digits["train"], digits["val"], **FAST)  # 100 / 50: two steps
+    trainer.fit()
+    for k in ("ce_a", "ce_b", "hfd", "bsd", "bsd_region"):
+        assert math.isfinite(float(d.last_losses[k])), k
+    heads = d.loss_modules["bsd_region"]
+    assert heads.a(torch.randn(2, 64, 2, 2)).shape == (2, 4, 10)  # resnet layer3: 64 x 2x2
+    assert heads.b(torch.randn(2, 17, 16)).shape == (2, 4, 10)  # vit: cls + 4x4 tokens
+    ids = {id(p) for g in trainer.opt.param_groups for p in g["params"]}
+    assert {id(p) for p in heads.parameters()} <= ids
+    d.train()
+    d.zero_grad(set_to_none=True)
+    batch = {"x": digits["train"].x[:8], "y": digits["train"].y[:8]}
+    d(batch).losses["bsd_region"].backward()
+    for name, p in heads.named_parameters():
+        assert p.grad is not None and torch.count_nonzero(p.grad) > 0, name
+    for model in (a, b):  # the region loss reaches both backbones
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    assert any(k.startswith("loss_modules.bsd_region.") for k in d.trainable_state())
+    assert set(d.export().state_dict()) == set(pair.state_dict())
+
+
 def test_collaborative_input_errors():
     a, b = _models("cnn", "vit")
     with pytest.raises(ConfigError, match="CollaborativePair"):
@@ -214,6 +258,10 @@ def test_collaborative_input_errors():
         build("dml", CollaborativePair(a, b), a)
     with pytest.raises(ConfigError, match="collaborative.output"):
         CollaborativePair(a, b, output="both")
+    with pytest.raises(ConfigError, match="collaborative.bsd"):
+        build("collaborative", CollaborativePair(a, b), None, bsd="pixel")
+    with pytest.raises(ConfigError, match="collaborative.regions"):
+        build("collaborative", CollaborativePair(a, b), None, bsd="region", regions=0)
 
 
 @pytest.fixture(scope="module")
@@ -242,3 +290,49 @@ def test_hetero_configs_build(name, mnist4):
     d = Distiller(student, teacher, recipe.terms, num_samples=10000)
     out = d({"x": data.x, "y": data.y, "idx": data.idx})
     assert torch.isfinite(out.total)
+
+
+def test_collaborative_default_bsd_is_both_and_works_with_an_mlp_peer(digits):
+    a, b = _models("resnet", "mlp")  # the MLP's last stage is a vector: one region for all
+    pair = CollaborativePair(a, b)
+    recipe = build("collaborative", pair, None)
+    assert [t.loss for t in recipe.terms][-2:] == ["bsd", "bsd_region_heads"]
+    d = Distiller(pair, None, recipe.terms)
+    Trainer(d, digits["train"], digits["val"], **FAST).fit()
+    assert math.isfinite(float(d.last_losses["bsd_region"]))
+
+
+def test_best_members_keeps_each_members_own_best_epoch(digits):
+    from crossdistill.methods.collaborative import BestMembers
+
+    a, b = _models("cnn", "mlp")
+    pair = CollaborativePair(a, b)
+    recipe = build("dml", pair, None)
+    keep = BestMembers(pair, digits["val"])
+    seen = {"a": [], "b": []}
+
+    class Spy:  # records each member's val accuracy after every epoch
+        def on_epoch_end(self, trainer, row):
+            for n in ("a", "b"):
+                seen[n].append(cd.evaluate(getattr(pair, n), digits["val"])["acc"])
+
+    Trainer(
+        Distiller(pair, None, recipe.terms),
+        digits["train"],
+        digits["val"],
+        callbacks=[keep, Spy()],
+        **{**FAST, "epochs": 3},
+    ).fit()
+    best = keep.restore()
+    for n in ("a", "b"):
+        acc, epoch = best[n]
+        assert acc == max(seen[n]) and epoch == seen[n].index(acc)
+        assert cd.evaluate(getattr(pair, n), digits["val"])["acc"] == acc  # weights restored
+
+
+def test_rkl_recipe_end_to_end(digits):
+    teacher, student = _models("cnn", "mlp")
+    recipe = build("rkl", student, teacher)
+    assert [t.loss for t in recipe.terms] == ["ce", "rkl"]
+    d, res = _fit(student, teacher, recipe, digits)
+    assert math.isfinite(float(d.last_losses["rkl"])) and 0.0 <= res["test_acc"] <= 1.0

@@ -12,7 +12,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from crossdistill.errors import ConfigError
-from crossdistill.losses import at, ce, cosine, dist, dkd, kd, l1, mse, pkt, rkd, smooth_l1, sp
+from crossdistill.losses import (
+    at,
+    ce,
+    cosine,
+    dist,
+    dkd,
+    kd,
+    l1,
+    mse,
+    pkt,
+    rkd,
+    rkl,
+    smooth_l1,
+    sp,
+)
 from crossdistill.registry import LOSSES
 
 # ---------------------------------------------------------------- numpy references
@@ -89,6 +103,18 @@ def test_kd_golden():
     want = temp**2 * np_kl_rows(np_softmax(T / temp), np_softmax(S / temp)).mean()
     assert kd(tt(S), tt(T)).item() == pytest.approx(want, rel=1e-10)
     assert kd(tt(S), tt(S)).item() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_rkl_golden_swaps_the_kl_arguments():
+    # reverse KL(p_s || p_t): the forward formula with the roles of student and teacher swapped
+    for temp in (1.0, 3.0):
+        want = temp**2 * np_kl_rows(np_softmax(S / temp), np_softmax(T / temp)).mean()
+        assert rkl(tt(S), tt(T), temperature=temp).item() == pytest.approx(want, rel=1e-10)
+    assert rkl(tt(S), tt(S)).item() == pytest.approx(0.0, abs=1e-12)
+    # hand value: p_s = (1/2, 1/2), p_t = (1/4, 3/4): KL = 1/2 ln 2 + 1/2 ln(2/3)
+    s2 = torch.tensor([[0.0, 0.0]], dtype=torch.float64)
+    t2 = torch.tensor([[0.0, math.log(3.0)]], dtype=torch.float64)
+    assert rkl(s2, t2).item() == pytest.approx(0.5 * math.log(2) + 0.5 * math.log(2 / 3))
 
 
 @settings(max_examples=30, deadline=None)
@@ -301,6 +327,7 @@ LABELS = torch.tensor([0, 2, 1])
 CASES = {
     "ce": (ce, (3, 4), (3, 4), {"y": LABELS}),
     "kd": (kd, (3, 4), (3, 4), {}),
+    "rkl": (rkl, (3, 4), (3, 4), {"temperature": 2.0}),
     "dkd": (dkd, (3, 4), (3, 4), {"y": LABELS}),
     "dist": (dist, (3, 4), (3, 4), {}),
     "mse": (mse, (3, 2, 2), (3, 2, 2), {}),

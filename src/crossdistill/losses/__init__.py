@@ -7,7 +7,7 @@ instantiates with the tapped shapes and trains alongside the student.
 
 from .contrastive import CRDLoss
 from .features import at, cosine, l1, mse, smooth_l1
-from .logits import ce, dist, dkd, kd
+from .logits import ce, dist, dkd, kd, rkl
 from .relations import pkt, rkd, sp
 from .review import ReviewKDLoss
 
@@ -24,6 +24,7 @@ __all__ = [
     "mse",
     "pkt",
     "rkd",
+    "rkl",
     "smooth_l1",
     "sp",
 ]

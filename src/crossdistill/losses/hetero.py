@@ -1,10 +1,11 @@
 """Losses of the heterogeneous-architecture seed methods: OFA, PLD, TAID, ScaleKD, and the
-CNN-Transformer collaborative-learning pieces (DML, BSD, HFD).
+CNN-Transformer collaborative-learning pieces (DML, BSD per sample and per region, HFD).
 
 Every function takes student logits/features first and the teacher's second, treats the
 teacher as a constant and returns a scalar averaged over the batch. Stateful losses (TAID's
-adaptive interpolation schedule, HFD's two projectors) are ``nn.Module`` classes registered
-with ``stateful=True``. Recipes in ``crossdistill.methods`` wire these into terms.
+adaptive interpolation schedule, HFD's two projectors, region-wise BSD's two heads) are
+``nn.Module`` classes registered with ``stateful=True``. Recipes in ``crossdistill.methods``
+wire these into terms.
 """
 
 from __future__ import annotations
@@ -362,6 +363,26 @@ def dml(s, t=None, *, temperature: float = 1.0) -> Tensor:
     return (kl_ab + kl_ba) * T * T
 
 
+def _selection(la: Tensor, lb: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Which peer teaches, per row of log-probabilities ``(B, ..., K)``: the one with the lower
+    CE on the sample's label ``y`` (B,), or, for unlabelled samples (``y = -1``/None), the one
+    with the higher max probability. Returns float masks ``(a_teaches, b_teaches)``; ties are
+    in neither, so they transfer nothing."""
+    score_a, score_b = -la.max(-1).values, -lb.max(-1).values
+    if y is not None:
+        y = y.long().reshape(-1, *[1] * (la.dim() - 2)).expand(la.shape[:-1])
+        lab, yy = y >= 0, y.clamp(min=0).unsqueeze(-1)
+        score_a = torch.where(lab, -la.gather(-1, yy).squeeze(-1), score_a)
+        score_b = torch.where(lab, -lb.gather(-1, yy).squeeze(-1), score_b)
+    return (score_a < score_b).to(la.dtype), (score_b < score_a).to(la.dtype)
+
+
+def _kl_rows(student: Tensor, teacher: Tensor, T: float) -> Tensor:
+    """``KL(sg(softmax(teacher / T)) || softmax(student / T))`` over the last dim."""
+    log_p_t = F.log_softmax(teacher.detach() / T, -1)
+    return (log_p_t.exp() * (log_p_t - F.log_softmax(student / T, -1))).sum(-1)
+
+
 @LOSSES.register(
     "bsd",
     paper="A Good Student is Cooperative and Reliable: CNN-Transformer Collaborative "
@@ -378,9 +399,8 @@ def bsd(s, t=None, *, y: Tensor | None = None, temperature: float = 1.0) -> Tens
     For every sample the peer with the lower cross-entropy on the label teaches the other:
     ``L = 1/B sum_i [ 1[CE_a,i < CE_b,i] KL(sg(p_a,i) || p_b,i) + 1[CE_b,i < CE_a,i]
     KL(sg(p_b,i) || p_a,i) ] * T^2``. Unlabelled samples (``y = -1``/None) select the peer
-    with the higher max-probability (more confident). Ties transfer nothing. Deviation: the
-    paper also selects region-wise on feature-map regions; we implement the per-sample
-    (logit) selection only, as methods.md prescribes for classification.
+    with the higher max-probability (more confident). Ties transfer nothing. The paper's
+    region-wise selection is ``bsd_region`` (on region predictions of feature-map patches).
 
     ``s``: ``[z_a, z_b]`` two (B, K) logits; ``y`` (B,) labels.
     """
@@ -388,26 +408,170 @@ def bsd(s, t=None, *, y: Tensor | None = None, temperature: float = 1.0) -> Tens
     _check_temperature("bsd", temperature)
     T = temperature
     with torch.no_grad():
-        la, lb = F.log_softmax(a, 1), F.log_softmax(b, 1)
-        # "loss" of each peer per sample: CE on the label, or -max log prob when unlabelled
-        score_a, score_b = -la.max(1).values, -lb.max(1).values
-        if y is not None:
-            y = y.long()
-            lab = y >= 0
-            yy = y.clamp(min=0)[:, None]
-            score_a = torch.where(lab, -la.gather(1, yy)[:, 0], score_a)
-            score_b = torch.where(lab, -lb.gather(1, yy)[:, 0], score_b)
-        a_teaches = (score_a < score_b).to(a.dtype)
-        b_teaches = (score_b < score_a).to(a.dtype)
-
-    def kl_rows(student, teacher):
-        p_t = F.softmax(teacher.detach() / T, 1)
-        return (p_t * (F.log_softmax(teacher.detach() / T, 1) - F.log_softmax(student / T, 1))).sum(
-            1
-        )
-
-    rows = a_teaches * kl_rows(b, a) + b_teaches * kl_rows(a, b)
+        a_teaches, b_teaches = _selection(F.log_softmax(a, 1), F.log_softmax(b, 1), y)
+    rows = a_teaches * _kl_rows(b, a, T) + b_teaches * _kl_rows(a, b, T)
     return rows.mean() * T * T
+
+
+@LOSSES.register(
+    "bsd_region",
+    paper="A Good Student is Cooperative and Reliable: CNN-Transformer Collaborative "
+    "Learning for Semantic Segmentation (region-wise BSD)",
+    year=2023,
+    inputs="logits",
+    default_weight=1.0,
+)
+def bsd_region(
+    s,
+    t=None,
+    *,
+    y: Tensor | None = None,
+    temperature: float = 1.0,
+    ce_weight: float = 1.0,
+) -> Tensor:
+    """Bidirectional selective distillation, region-wise form (Zhu et al., "A Good Student is
+    Cooperative and Reliable: CNN-Transformer Collaborative Learning for Semantic
+    Segmentation", ICCV 2023, region-wise BSD), on image labels: every region ``r`` of sample
+    ``i`` is predicted by both peers, and in each region the peer whose prediction has the
+    lower CE on the image label teaches the other:
+
+    ``L_bsd = 1/(B R) sum_{i,r} [ 1[CE^a_ir < CE^b_ir] KL(sg(p^a_ir) || p^b_ir)
+    + 1[CE^b_ir < CE^a_ir] KL(sg(p^b_ir) || p^a_ir) ] * T^2``
+
+    with ``p = softmax(z / T)`` and ``CE`` at T = 1. Unlabelled samples pick the more
+    confident peer per region (higher max probability), as ``bsd``; ties transfer nothing.
+    The region predictions come from heads that nothing else trains, so the loss also holds
+    their own CE, ``ce_weight * 1/B_lab sum_{i labelled} 1/R sum_r (CE^a_ir + CE^b_ir)``
+    (mean over labelled samples like ``ce``; ``ce_weight=0`` gives the pure selective KL).
+
+    ``s``: ``[r_a, r_b]`` two (B, R, K) region logits; ``y`` (B,) image labels.
+    """
+    if not isinstance(s, (list, tuple)) or len(s) != 2:
+        raise ConfigError(
+            "bsd_region.student",
+            s if not isinstance(s, Tensor) else tuple(s.shape),
+            "a list of two (batch, regions, classes) region logits, model A's then B's",
+        )
+    a, b = _upcast(s[0]), _upcast(s[1])
+    if a.dim() != 3 or a.shape != b.shape:
+        raise ConfigError(
+            "bsd_region.inputs",
+            f"{tuple(a.shape)} vs {tuple(b.shape)}",
+            "two equal (batch, regions, classes) region logits",
+        )
+    _check_temperature("bsd_region", temperature)
+    _check("bsd_region", "ce_weight", ce_weight, ce_weight >= 0, "a number >= 0")
+    T = temperature
+    la, lb = F.log_softmax(a, -1), F.log_softmax(b, -1)
+    a_teaches, b_teaches = _selection(la.detach(), lb.detach(), y)
+    loss = (a_teaches * _kl_rows(b, a, T) + b_teaches * _kl_rows(a, b, T)).mean() * T * T
+    if y is None or ce_weight == 0:
+        return loss
+    y = y.long()
+    lab = y >= 0
+    yy = y.clamp(min=0)[:, None, None].expand(-1, a.shape[1], 1)
+    ce = -(la + lb).gather(-1, yy)[..., 0].mean(1)  # (B,): per-region CE of both heads
+    return loss + ce_weight * (ce * lab).sum() / lab.sum().clamp_min(1)
+
+
+class RegionHead(nn.Module):
+    """A peer's region predictions for region-wise BSD: feature -> (B, R, K) logits.
+
+    The feature (a (C, H, W) map, or (N, D) tokens on a square grid, a leading cls token
+    dropped) is average-pooled to ``grid x grid`` patch regions (R = grid^2) and each region
+    is classified by one fresh ``Linear(C, K)``. Pooling plus a linear head (our choice)
+    keeps the head too weak to hide what the backbone's region features know. A (C,) vector
+    (an MLP peer) has no spatial layout: its one prediction stands for every region, so each
+    of the other peer's regions is compared with the MLP's whole-image view. A projector
+    factory: ``t_shape`` is the logits' (K,).
+    """
+
+    def __init__(self, s_shape, t_shape, *, grid: int = 2):
+        super().__init__()
+        s_shape, t_shape = tuple(s_shape), tuple(t_shape)
+        ok = isinstance(grid, int) and not isinstance(grid, bool) and grid >= 1
+        _check("bsd_region", "grid", grid, ok, "a positive integer")
+        if len(t_shape) != 1:
+            raise ConfigError("bsd_region.head", t_shape, "the target side must be logits (K,)")
+        if len(s_shape) in (1, 3):
+            c = s_shape[0]
+        elif len(s_shape) == 2 and P.grid_of(s_shape[0]) is not None:
+            c = s_shape[1]
+        else:
+            raise ConfigError(
+                "bsd_region.feature",
+                s_shape,
+                "a (C, H, W) map, (N, D) tokens on a square grid (plus an optional cls token) "
+                "or a (C,) vector",
+            )
+        self.grid = grid
+        self.fc = nn.Linear(c, t_shape[0])
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 2:  # a vector: one prediction for every region
+            return self.fc(x)[:, None, :].expand(-1, self.grid * self.grid, -1)
+        if x.dim() == 3:
+            x = P.tokens_to_map(x)
+        x = F.adaptive_avg_pool2d(x, self.grid)  # (B, C, g, g)
+        return self.fc(x.flatten(2).transpose(1, 2))  # (B, g*g, K), regions row-major
+
+
+@LOSSES.register(
+    "bsd_region_heads",
+    paper="A Good Student is Cooperative and Reliable: CNN-Transformer Collaborative "
+    "Learning for Semantic Segmentation (region-wise BSD)",
+    year=2023,
+    inputs="features",
+    default_weight=1.0,
+    stateful=True,
+)
+class RegionBSDLoss(nn.Module):
+    """Region-wise BSD with its two trainable :class:`RegionHead` s (``self.a``, ``self.b``),
+    for a multi-tap term ``[F_a, F_b, z_a, z_b]``: each peer's feature goes through its own
+    head and ``bsd_region`` scores the two region predictions. The logit taps only fix K at
+    build time. A stateful loss (as ``hfd``) because Distiller projectors bridge one tap
+    only; as a loss module the heads are trained and checkpointed with the distiller and
+    never exported with the student.
+    """
+
+    def __init__(
+        self,
+        s_shapes,
+        t_shapes=None,
+        *,
+        num_samples=None,
+        grid: int = 2,
+        temperature: float = 1.0,
+        ce_weight: float = 1.0,
+    ):
+        super().__init__()
+        if (
+            not isinstance(s_shapes, (list, tuple))
+            or len(s_shapes) != 4
+            or not isinstance(s_shapes[0], (list, tuple))
+        ):
+            raise ConfigError(
+                "bsd_region_heads.student",
+                s_shapes,
+                "four taps: model A's feature, model B's feature, A's logits, B's logits",
+            )
+        fa, fb, za, zb = (tuple(x[1:]) for x in s_shapes)
+        if len(za) != 1 or za != zb:
+            raise ConfigError(
+                "bsd_region_heads.student", f"{za} vs {zb}", "taps 3 and 4: two (K,) logits"
+            )
+        _check_temperature("bsd_region", temperature)
+        _check("bsd_region", "ce_weight", ce_weight, ce_weight >= 0, "a number >= 0")
+        self.temperature, self.ce_weight = float(temperature), float(ce_weight)
+        self.a, self.b = RegionHead(fa, za, grid=grid), RegionHead(fb, zb, grid=grid)
+
+    def forward(self, s, t=None, *, y=None, idx=None, **_) -> Tensor:
+        return bsd_region(
+            [self.a(s[0]), self.b(s[1])],
+            y=y,
+            temperature=self.temperature,
+            ce_weight=self.ce_weight,
+        )
 
 
 class _VectorToMap(nn.Module):

@@ -1,4 +1,4 @@
-"""Losses on class logits: supervised cross-entropy, KD, DKD and DIST.
+"""Losses on class logits: supervised cross-entropy, KD (forward KL), reverse KL, DKD and DIST.
 
 All functions take student logits ``s`` and teacher logits ``t`` of shape (B, K) and return a
 scalar averaged over the batch. Softmaxes run in at least float32 (half inputs are upcast),
@@ -88,6 +88,28 @@ def kd(s: Tensor, t: Tensor, *, temperature: float = 4.0) -> Tensor:
     log_p_s = F.log_softmax(s / temperature, dim=1)
     p_t = F.softmax(t / temperature, dim=1)
     return _soft_kl(log_p_s, p_t) * temperature**2
+
+
+@LOSSES.register(
+    "rkl",
+    paper="TAID: Temporally Adaptive Interpolated Distillation (reverse-KL baseline)",
+    year=2025,
+    inputs="logits",
+    default_weight=1.0,
+)
+def rkl(s: Tensor, t: Tensor, *, temperature: float = 1.0) -> Tensor:
+    """Reverse KL, the mode-seeking baseline that TAID (Shing et al., ICLR 2025, Sec. 5) compares
+    against next to forward KL: ``L = T^2 * 1/B sum_i KL( softmax(s_i/T) || softmax(t_i/T) )``.
+
+    Gradient flows through both the student's distribution and its log-probabilities (the
+    teacher is detached). Default T=1 (the paper's setting).
+    """
+    _check_temperature("rkl", temperature)
+    _check_logits("rkl", s, t)
+    s, t = _pair(s, t)
+    log_p_s = F.log_softmax(s / temperature, dim=1)
+    log_p_t = F.log_softmax(t / temperature, dim=1)
+    return (log_p_s.exp() * (log_p_s - log_p_t)).sum(1).mean() * temperature**2
 
 
 def _binary_target_kl(s: Tensor, t: Tensor, onehot: Tensor, temperature: float) -> Tensor:

@@ -1,4 +1,4 @@
-"""Classic recipes used as baselines everywhere: scratch, kd, dkd, dist, fitnet, crd, at, rkd.
+"""Classic recipes used as baselines everywhere: scratch, kd, rkl, dkd, dist, fitnet, crd, at, rkd.
 
 Each wires registered losses with their papers' default weights; see ``losses/`` for the
 maths and the citations.
@@ -21,6 +21,18 @@ def scratch(student, teacher):
 )
 def kd(student, teacher, *, temperature: float = 4.0, weight: float = 0.9):
     return [Term("ce"), Term("kd", temperature=temperature, weight=weight)]
+
+
+@METHODS.register(
+    "rkl",
+    paper="TAID: Temporally Adaptive Interpolated Distillation (reverse-KL baseline)",
+    year=2025,
+    family="logits",
+)
+def rkl(student, teacher, *, temperature: float = 1.0, weight: float = 1.0):
+    """CE + reverse KL(p_s || p_t) at T=1: TAID's mode-seeking baseline (same CE + weight-1
+    shape as our ``taid`` recipe; ``kd`` with ``temperature=1, weight=1`` is its forward twin)."""
+    return [Term("ce"), Term("rkl", temperature=temperature, weight=weight)]
 
 
 @METHODS.register("dkd", paper="Decoupled Knowledge Distillation", year=2022, family="logits")
