@@ -15,7 +15,9 @@
 and writes RUN_DIR/synthetic.safetensors (+ synthetic.json meta), RUN_DIR/grid.png and
 RUN_DIR/config.yaml. ``condense-eval`` trains fresh models on that set with the harness and
 writes RUN_DIR/eval.json (``--baselines`` adds the random real subset and the full training
-set) and prints a table.
+set; ``--select-on-val`` chooses lr and steps per architecture on the val split from
+:data:`~crossdistill.condense.harness.DEFAULT_GRID` and records the choice) and prints a
+table.
 """
 
 from __future__ import annotations
@@ -187,6 +189,12 @@ def add_parsers(sub) -> None:
         help="training steps per model (default: the preset fixed per dataset and IPC)",
     )
     e.add_argument(
+        "--select-on-val",
+        action="store_true",
+        help="choose lr and steps per architecture on the val split from the grid "
+        "lr {0.01, 0.05} x steps {1, 3} x the preset (or --steps); default: the preset alone",
+    )
+    e.add_argument(
         "--baselines",
         action="store_true",
         help="also judge a random real subset of the same size and the full train set",
@@ -263,12 +271,14 @@ def cmd_condense_eval(args) -> int:
     results, rows = [], []
     for s in sets:
         cfg_e = H.eval_config(data["name"], s.meta.get("ipc", "full"), **over)
+        cands = H.candidate_configs(cfg_e, **H.DEFAULT_GRID) if args.select_on_val else None
         r = H.evaluate_synthetic(
             s,
             data["name"],
             archs,
             n_models,
-            cfg=cfg_e,
+            cfg=None if cands else cfg_e,
+            candidates=cands,
             net_kw=net_kw,
             seed=ev.seed,
             progress=not args.no_progress,
@@ -288,6 +298,14 @@ def cmd_condense_eval(args) -> int:
         )
     (run / "eval.json").write_text(json.dumps({"data": data, "results": results}, indent=2))
     print(format_table(["method", "ipc", "images"] + [f"{a} test %" for a in archs], rows))
+    if args.select_on_val:
+        print("eval config chosen on val (lr, steps):")
+        for r in results:
+            chosen = ", ".join(
+                f"{a} lr={r['archs'][a]['chosen']['lr']:g} steps={r['archs'][a]['chosen']['steps']}"
+                for a in archs
+            )
+            print(f"  {r['method']} ipc{r['ipc']}: {chosen}")
     print(f"written {run / 'eval.json'}")
     return 0
 
