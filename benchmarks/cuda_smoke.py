@@ -22,7 +22,7 @@ from crossdistill.teachers import Mixture, TeacherStore, cache_teacher
 def methods_on(dev, teacher, tr, va) -> dict:
     """One short epoch of every registered method recipe on ``dev``: val accuracy or error."""
     from crossdistill import methods
-    from crossdistill.methods.collaborative import CollaborativePair
+    from crossdistill.methods.collaborative import BestMembers, CollaborativePair
 
     res = {}
     for name in methods.METHODS.names():
@@ -37,6 +37,7 @@ def methods_on(dev, teacher, tr, va) -> dict:
                 s, t = CollaborativePair(c, s), None
             recipe = methods.build(name, s, t)
             d = cd.Distiller(s, t, recipe.terms, hooks=recipe.hooks, num_samples=2000)
+            keep = [BestMembers(s, va)] if t is None else []  # each member's own best epoch
             r = cd.Trainer(
                 d,
                 tr,
@@ -47,8 +48,11 @@ def methods_on(dev, teacher, tr, va) -> dict:
                 device=dev,
                 amp=True,
                 progress=False,
+                callbacks=keep,
             ).fit()
             res[name] = round(r["best_val_acc"], 3)
+            if keep:
+                res[name] = [res[name], {k: round(v[0], 3) for k, v in keep[0].restore().items()}]
         except Exception as err:  # report every failure, keep checking the rest
             res[name] = f"ERROR {type(err).__name__}: {err}"[:300]
     return res
@@ -73,6 +77,22 @@ def condensers_on(dev, tr) -> dict:
         except Exception as err:
             res[name] = f"ERROR {type(err).__name__}: {err}"[:300]
     return res
+
+
+def harness_on(dev, tr) -> dict:
+    """The condensation harness choosing its evaluation config on val, on ``dev``."""
+    from crossdistill.condense import harness as H
+
+    try:
+        syn = H.random_subset(tr, 2, seed=0)
+        grid = H.candidate_configs(H.EvalConfig(steps=20))
+        r = H.evaluate_synthetic(syn, "digits", n_models=2, candidates=grid, device=dev)
+        return {
+            a: {"chosen": [v["chosen"]["lr"], v["chosen"]["steps"]], "test": v["test_mean"]}
+            for a, v in r["archs"].items()
+        }
+    except Exception as err:
+        return {"error": f"ERROR {type(err).__name__}: {err}"[:300]}
 
 
 def main(argv=None) -> dict:
@@ -163,6 +183,7 @@ def main(argv=None) -> dict:
     )
     out["methods"] = methods_on(dev, teacher, tr, va)
     out["condensers"] = condensers_on(dev, tr)
+    out["harness_select_on_val"] = harness_on(dev, tr)
     out["seconds"] = round(time.time() - t0, 1)
     print(json.dumps(out))
     return out
