@@ -234,6 +234,19 @@ def test_cvdd_end_to_end(real, trained, size, bn):
     assert len(syn.meta["committee"][0]) == size
 
 
+def test_cvdd_pool_of_dict_entries_trains_and_names_them(real, trained):
+    # a pool given as {"model": ..., **kw} entries (the benchmark's MNIST pool) must train,
+    # recover and label its committee with readable names (a dict is no dict key)
+    _, _, cache = trained
+    cond = CONDENSERS.get("cvdd")(
+        ipc=1, iterations=2, pool=[TINY, TINY], committee_epochs=2, cache_dir=cache, **_common()
+    )
+    _, syn = _run(cond, real, 2)
+    assert syn.meta["committee_val_acc"] and all(
+        isinstance(k, str) and k.startswith("cnn(") for k in syn.meta["committee_val_acc"]
+    )
+
+
 def test_sre2l_end_to_end(real, trained):
     models, accs, _ = trained
     cond = CONDENSERS.get("sre2l")(

@@ -333,6 +333,14 @@ def train_models(
     return out_models, accs
 
 
+def pool_label(entry: str | dict) -> str:
+    """A readable name of a pool entry: ``"vgg8"`` or ``"resnet(depth=8)"`` for a dict."""
+    if isinstance(entry, str):
+        return entry
+    kw = ",".join(f"{k}={v}" for k, v in entry.items() if k != "model")
+    return f"{entry.get('model', '?')}({kw})"
+
+
 def freeze(models: Sequence[nn.Module], device) -> list[nn.Module]:
     out = []
     for m in models:
@@ -539,7 +547,7 @@ class RecoverCondenser(Condenser):
         s.relabel = self.relabeller()
         s.temperature = self.temperature
         names = [
-            self.pool[i] if self.given_models is None else f"model{i}"
+            pool_label(self.pool[i]) if self.given_models is None else f"model{i}"
             for i in range(len(self.models))
         ]
         s.meta.update(
