@@ -84,3 +84,61 @@ def test_claims_verdicts_from_numbers():
     assert "+5.00 vs kd" in claims["OFA"]["evidence"][0]
     assert claims["PLD"]["verdict"] == "did not hold"  # beats KD, loses to DKD
     assert claims["TAID"]["verdict"] == "not measured"
+
+
+def test_trend_cells_and_low_regime_baselines():
+    b = _bench()
+    cells = b.trend_cells(["kd", "taid", "scalekd"])
+    assert ("resnet->mlp-mixer-xs", "rkl") in cells and ("vit-s->resnet", "scalekd") in cells
+    assert b.trend_cells(["kd"]) == []  # a trend runs only when its own method is on
+    assert b.VARIANTS["fkl"] == ("kd", {"temperature": 1.0, "weight": 1.0})
+
+
+def _rows(cells):
+    rows = []
+    for (pair, method), acc in cells.items():
+        for seed, jitter in enumerate((0.0, 0.01, -0.01)):
+            rows.append(
+                dict(
+                    dataset="mnist",
+                    regime="low",
+                    pair=pair,
+                    method=method,
+                    seed=seed,
+                    test_acc=acc + jitter,
+                    seconds=1.0,
+                )
+            )
+    return rows
+
+
+def test_trend_claims_from_numbers():
+    b = _bench()
+    gap = b.TRENDS["taid_gap"][0]  # largest gap first: TAID's gain shrinks along the list
+    cells = {}
+    for i, p in enumerate(gap):
+        cells.update(
+            {
+                (p, "taid"): 0.80,
+                (p, "fkl"): 0.80 - 0.03 + 0.01 * i,
+                (p, "rkl"): 0.80 - 0.02 + 0.01 * i,
+            }
+        )
+    cells.update(
+        {
+            ("vit-s->resnet", "scalekd"): 0.85,
+            ("vit->resnet", "scalekd"): 0.90,
+            ("*->resnet", "scratch"): 0.84,
+        }
+    )
+    meta = {"mnist/vit": {"test_acc": 0.95}, "mnist/vit-s": {"test_acc": 0.90}}
+    got = {c["method"]: c for c in b.trend_claims(b.cell_stats(_rows(cells)), meta, ["mnist"])}
+    assert got["TAID (trend)"]["verdict"] == "held"
+    cells[(gap[0], "fkl")] = 0.80  # no gain over fkl at the largest gap: held vs rkl only
+    got = {c["method"]: c for c in b.trend_claims(b.cell_stats(_rows(cells)), meta, ["mnist"])}
+    assert got["TAID (trend)"]["verdict"] == "held vs rkl only"
+    assert got["ScaleKD (trend)"]["verdict"] == "held"
+    assert "+6.00" in got["ScaleKD (trend)"]["summary"]  # 0.90 - 0.84
+    meta["mnist/vit"]["test_acc"] = 0.85  # the big ViT is the weaker teacher: no test
+    got = {c["method"]: c for c in b.trend_claims(b.cell_stats(_rows(cells)), meta, ["mnist"])}
+    assert got["ScaleKD (trend)"]["verdict"].startswith("not tested")
