@@ -11,6 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import crossdistill as cd
+from crossdistill.train import distributed as D
 
 
 def _port() -> int:
@@ -69,7 +70,7 @@ def _grads_worker(rank, world, port, out):
     model(part).total.backward()
     if rank == 0:
         torch.save({n: p.grad.clone() for n, p in d.named_parameters() if p.grad is not None}, out)
-    dist.destroy_process_group()
+    D.shutdown()
 
 
 def test_ddp_gradients_equal_single_process(tmp_path):
@@ -115,7 +116,7 @@ def _fit(out=None, strategy="ddp"):
 def _fit_worker(rank, world, port, out, strategy):
     _env(rank, world, port)
     assert _fit(out, strategy)[1]["world"] == 2
-    dist.destroy_process_group()
+    D.shutdown()
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])

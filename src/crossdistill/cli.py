@@ -159,6 +159,9 @@ def cmd_train(args) -> int:
     if os.environ.get("RANK", "0") == "0":
         print(json.dumps(res, indent=2))
         print(f"run written to {out}")
+    from .train.distributed import shutdown
+
+    shutdown()  # under --nproc: leave the process group together
     return 0
 
 

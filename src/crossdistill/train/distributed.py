@@ -108,3 +108,12 @@ def gather_rng(d: Dist) -> list[torch.Tensor]:
 def barrier(d: Dist) -> None:
     if d.active:
         dist.barrier()
+
+
+def shutdown() -> None:
+    """Leave the process group together: a barrier, then destroy it. A rank that exits while
+    its peer is still tearing gloo down can abort the peer ("terminate called without an
+    active exception")."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
