@@ -5,6 +5,16 @@ import crossdistill as cd
 
 
 @pytest.fixture
+def one_thread():
+    """Single-threaded (the shared 2-core CPU is slower with thread contention); restores the
+    thread count afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def digits():
     """Small stratified slices of sklearn's digits (real data, embedded)."""
     return {

@@ -6,14 +6,7 @@ import torch
 from crossdistill.condense.augment import DSA, FAMILIES, hflip_union
 from crossdistill.errors import ConfigError
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Single-threaded (the shared 2-core CPU is slower with thread contention)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("fam", FAMILIES)

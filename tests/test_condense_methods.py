@@ -11,14 +11,7 @@ from crossdistill.condense.dm import dm_loss
 from crossdistill.condense.ncfm import NCFM, SamplingNet, ncfd
 from crossdistill.errors import ConfigError
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Single-threaded (the shared 2-core CPU is slower with thread contention)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TINY = {"net_kw": {"width": 8, "depth": 2}, "batch_real": 8}
