@@ -50,9 +50,11 @@ from .sre2l import (
     DEFAULT_CACHE,
     BNStatsHooks,
     EnsembleRelabel,
+    check_recover_hypers,
     clip_bounds,
     cosine_lr,
     jitter,
+    keep_squeeze_settings,
     squeeze,
 )
 
@@ -110,19 +112,11 @@ class INFER(Condenser):
         super().__init__(iterations=iterations, init=init, **base)
         if (models is not None and len(models) < 1) or (models is None and len(pool) < 1):
             raise ConfigError("pool", list(pool), "at least one model")
-        if lr <= 0 or r_bn < 0 or temperature <= 0:
-            raise ConfigError("lr/r_bn/temperature", (lr, r_bn, temperature), "lr>0, r_bn>=0, T>0")
-        self.given_models, self.pool = models, list(pool)
-        self.committee_epochs, self.committee_lr, self.holdout = (
-            committee_epochs,
-            committee_lr,
-            holdout,
+        check_recover_hypers(lr, r_bn, temperature)
+        keep_squeeze_settings(
+            self, models, pool, committee_epochs, committee_lr, holdout, cache_dir, jitter_px
         )
-        self.cache_dir = cache_dir
         self.lr, self.r_bn, self.first_bn_multiplier = lr, r_bn, first_bn_multiplier
-        self.jitter_px = (
-            max(1, round(4 * self.input_shape[-1] / 32)) if jitter_px is None else jitter_px
-        )
         self.strict_budget, self.temperature = strict_budget, temperature
 
     def init(self, real: RealSampler) -> None:

@@ -54,9 +54,11 @@ from .base import Condenser, RealSampler, SyntheticSet
 from .sre2l import (
     DEFAULT_CACHE,
     BNStatsHooks,
+    check_recover_hypers,
     clip_bounds,
     cosine_lr,
     jitter,
+    keep_squeeze_settings,
     squeeze,
 )
 
@@ -193,25 +195,13 @@ class NRRDD(Condenser):
             raise ConfigError("critical_frac", critical_frac, "a fraction in [0, 1)")
         if candidates < 1:
             raise ConfigError("candidates", candidates, "must be >= 1")
-        if lr <= 0 or r_bn < 0 or temperature <= 0:
-            raise ConfigError("lr/r_bn/temperature", (lr, r_bn, temperature), "lr>0, r_bn>=0, T>0")
-        self.given_models, self.pool = models, list(pool)
-        self.committee_epochs, self.committee_lr, self.holdout = (
-            committee_epochs,
-            committee_lr,
-            holdout,
+        check_recover_hypers(lr, r_bn, temperature)
+        keep_squeeze_settings(
+            self, models, pool, committee_epochs, committee_lr, holdout, cache_dir, jitter_px
         )
-        self.cache_dir, self.cam_layer, self.candidates, self.select = (
-            cache_dir,
-            cam_layer,
-            candidates,
-            select,
-        )
+        self.cam_layer, self.candidates, self.select = cam_layer, candidates, select
         self.critical_frac, self.lr, self.r_bn = critical_frac, lr, r_bn
         self.first_bn_multiplier, self.dbr, self.temperature = first_bn_multiplier, dbr, temperature
-        self.jitter_px = (
-            max(1, round(4 * self.input_shape[-1] / 32)) if jitter_px is None else jitter_px
-        )
 
     def _select(self, model: nn.Module, real: RealSampler, c: int) -> torch.Tensor:
         pool = real.class_batch(c, self.candidates * self.ipc).to(self.device)

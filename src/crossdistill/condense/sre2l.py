@@ -361,6 +361,29 @@ def clip_bounds(real: RealSampler) -> tuple[torch.Tensor, torch.Tensor]:
 # --------------------------------------------------------------------------------------------
 # recovery engine shared by sre2l and cvdd
 # --------------------------------------------------------------------------------------------
+def keep_squeeze_settings(
+    c: Condenser,
+    models: Sequence[nn.Module] | None,
+    pool: Sequence[str | dict],
+    committee_epochs: int,
+    committee_lr: float,
+    holdout: float,
+    cache_dir: str | Path | None,
+    jitter_px: int | None,
+) -> None:
+    """Store on ``c`` what :func:`squeeze` and the recovery jitter read, the same way for every
+    condenser of the family; ``jitter_px`` defaults to round(4 * H / 32) (4 px at 32x32)."""
+    c.given_models, c.pool = models, list(pool)
+    c.committee_epochs, c.committee_lr, c.holdout = committee_epochs, committee_lr, holdout
+    c.cache_dir = cache_dir
+    c.jitter_px = max(1, round(4 * c.input_shape[-1] / 32)) if jitter_px is None else jitter_px
+
+
+def check_recover_hypers(lr: float, r_bn: float, temperature: float) -> None:
+    if lr <= 0 or r_bn < 0 or temperature <= 0:
+        raise ConfigError("lr/r_bn/temperature", (lr, r_bn, temperature), "lr>0, r_bn>=0, T>0")
+
+
 def squeeze(
     c: Condenser, real: RealSampler, given_accs: list[float] | None = None
 ) -> tuple[list[nn.Module], list[float]]:
@@ -425,25 +448,14 @@ class RecoverCondenser(Condenser):
             raise ConfigError("relabel_bn", relabel_bn, "allowed: 'train' (BSSL) or 'eval'")
         if models is not None and model_accs is not None and len(model_accs) != len(models):
             raise ConfigError("model_accs", list(model_accs), "one accuracy per model")
-        if lr <= 0 or r_bn < 0 or temperature <= 0:
-            raise ConfigError("lr/r_bn/temperature", (lr, r_bn, temperature), "lr>0, r_bn>=0, T>0")
+        check_recover_hypers(lr, r_bn, temperature)
         committee_weights([1.0], committee_tau)  # validates tau
-        self.given_models, self.given_accs = models, model_accs
-        self.pool, self.committee_size, self.tau, self.voter = (
-            list(pool),
-            committee_size,
-            committee_tau,
-            voter,
+        keep_squeeze_settings(
+            self, models, pool, committee_epochs, committee_lr, holdout, cache_dir, jitter_px
         )
-        self.committee_epochs, self.committee_lr, self.holdout = (
-            committee_epochs,
-            committee_lr,
-            holdout,
-        )
-        self.cache_dir = cache_dir
+        self.given_accs = model_accs
+        self.committee_size, self.tau, self.voter = committee_size, committee_tau, voter
         self.lr, self.r_bn, self.first_bn_multiplier = lr, r_bn, first_bn_multiplier
-        h = self.input_shape[-1]
-        self.jitter_px = max(1, round(4 * h / 32)) if jitter_px is None else jitter_px
         self.crop, self.flip = crop, flip
         self.relabel_bn, self.temperature = relabel_bn, temperature
 
