@@ -516,33 +516,19 @@ def claims(cells, sbs) -> list[dict]:
             for m in methods:
                 add(f"{m} > random subset (IPC {ipc})", ds, _acc(cells, ds, m, ipc), r, m, "random")
         for ipc in (1, 10, 50):
-            add(
-                f"DM+FYI > DM (IPC {ipc})",
-                ds,
-                _acc(cells, ds, "dm+fyi", ipc),
-                _acc(cells, ds, "dm", ipc),
-                "dm+fyi",
-                "dm",
-            )
-            add(
-                f"NCFM > DM (IPC {ipc})",
-                ds,
-                _acc(cells, ds, "ncfm", ipc),
-                _acc(cells, ds, "dm", ipc),
-                "ncfm",
-                "dm",
-            )
-            for a, b in (
-                ("cvdd", "cvdd-single"),
-                ("cvdd", "cvdd-evallabels"),
-                ("infer", "sre2l"),
-                ("nrr", "sre2l"),
-                ("nrr-dd", "sre2l"),
-                ("nrr", "random"),
-                ("infer", "random"),
+            for a, b, label in (
+                ("dm+fyi", "dm", "DM+FYI > DM"),
+                ("ncfm", "dm", "NCFM > DM"),
+                ("cvdd", "cvdd-single", None),
+                ("cvdd", "cvdd-evallabels", None),
+                ("infer", "sre2l", None),
+                ("nrr", "sre2l", None),
+                ("nrr-dd", "sre2l", None),
+                ("nrr", "random", None),
+                ("infer", "random", None),
             ):
                 add(
-                    f"{a} > {b} (IPC {ipc})",
+                    f"{label or f'{a} > {b}'} (IPC {ipc})",
                     ds,
                     _acc(cells, ds, a, ipc),
                     _acc(cells, ds, b, ipc),
