@@ -98,8 +98,9 @@ def kd(s: Tensor, t: Tensor, *, temperature: float = 4.0) -> Tensor:
     default_weight=1.0,
 )
 def rkl(s: Tensor, t: Tensor, *, temperature: float = 1.0) -> Tensor:
-    """Reverse KL, the mode-seeking baseline that TAID (Shing et al., ICLR 2025, Sec. 5) compares
-    against next to forward KL: ``L = T^2 * 1/B sum_i KL( softmax(s_i/T) || softmax(t_i/T) )``.
+    """Reverse KL, the mode-seeking baseline that TAID (Shing et al., "TAID: Temporally Adaptive
+    Interpolated Distillation", ICLR 2025) compares against next to forward KL:
+    ``L = T^2 * 1/B sum_i KL( softmax(s_i/T) || softmax(t_i/T) )``.
 
     Gradient flows through both the student's distribution and its log-probabilities (the
     teacher is detached). Default T=1 (the paper's setting).
