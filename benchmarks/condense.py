@@ -459,8 +459,10 @@ def main(argv=None) -> int:
 
 def run_workers(args, datasets: list[str], work: Path) -> None:
     """One process per dataset (each with ``--threads``), all at once; their cells land in
-    ``work`` and this process assembles them. Logs: ``work/<dataset>.log``."""
-    passed = ["--work", args.work, "--threads", str(args.threads), "--no-progress"]
+    ``work`` and this process assembles them. Logs, with each worker's progress bars:
+    ``work/<dataset>.log`` (``tail -f`` to follow)."""
+    passed = ["--work", args.work, "--threads", str(args.threads)]
+    passed += ["--no-progress"] * args.no_progress  # else each log carries its progress bars
     for flag in ("methods", "ipcs"):
         if getattr(args, flag):
             passed += [f"--{flag}", getattr(args, flag)]
