@@ -46,7 +46,7 @@ def test_store_round_trip_exact_in_float32(tmp_path, digits):
 def test_topk_bytes_and_reconstruction_bound(tmp_path):
     torch.manual_seed(0)
     x = torch.randn(64, 1, 8, 8)
-    data = cd.data.Dataset(
+    data = cd.data.Dataset.classification(
         x,
         torch.zeros(64, dtype=torch.long),
         torch.arange(64),

@@ -149,6 +149,7 @@ class TrainSpec(_Strict):
     device: str = "cpu"
     checkpoint_every: int = Field(0, ge=0)
     eval_batch_size: int = Field(512, ge=1)
+    num_workers: int = Field(0, ge=0, le=64)
     progress: bool = True
     strategy: Literal["ddp", "fsdp"] = "ddp"
     find_unused: bool = False

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import inspect
 import os
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -19,9 +20,12 @@ from torch import nn
 
 from . import losses as _losses  # noqa: F401  (registers the losses)
 from . import projectors as P
+from . import tasks as _tasks
+from .adapters import ModelIO, select
+from .context import Context, masked_mean
 from .errors import ConfigError
 from .registry import LOSSES
-from .taps import LOGITS, Capture, Tap
+from .taps import LOGITS, OUTPUT, Capture, Tap
 
 TapSpec = str | Tap | Sequence[str | Tap]
 
@@ -80,12 +84,13 @@ class Term:
         self.teacher_model = teacher_model
         self.params = params
         self.name = name or loss
+        self.label_only = label_only
         self._check_params()
 
     def _check_params(self) -> None:
         sig = inspect.signature(self.fn.__init__ if self.stateful else self.fn)
         accepted = {n for n, p in sig.parameters.items() if p.kind == p.KEYWORD_ONLY}
-        accepted -= {"y", "idx", "num_samples"}
+        accepted -= {"y", "idx", "mask", "num_samples"}
         for k in self.params:
             if k not in accepted:
                 raise ConfigError(
@@ -100,6 +105,17 @@ class Term:
             return self.weight
         return self.weight * min(1.0, epoch / self.warmup)
 
+    def reduce(self, value: torch.Tensor, ctx: Context) -> torch.Tensor:
+        """Per-position values -> the term's scalar: the mean over the context's mask, and for
+        label losses (``ce``) over the positions that have a label. Scalars pass through."""
+        if value.dim() == 0:
+            return value
+        valid = ctx.mask
+        if self.label_only and ctx.y is not None and ctx.y.shape == value.shape:
+            labelled = ctx.y != -100
+            valid = labelled if valid is None else valid & labelled
+        return masked_mean(value, valid, f"terms.{self.name}")
+
     def __repr__(self) -> str:
         t = [str(x) for x in self.teacher] or "labels"
         return f"Term({self.name}: {[str(x) for x in self.student]} -> {t}, w={self.weight})"
@@ -107,9 +123,13 @@ class Term:
 
 @dataclass
 class Output:
+    """One step's result: the student's logits (class axis last), each term's loss, their
+    weighted sum, and the batch as the losses saw it (after the ``prepare`` stages)."""
+
     logits: torch.Tensor
     losses: dict[str, torch.Tensor] = field(default_factory=dict)
     total: torch.Tensor | None = None
+    batch: Mapping | None = None
 
 
 def _freeze(model: nn.Module) -> nn.Module:
@@ -128,6 +148,16 @@ class Distiller(nn.Module):
     Tap paths are checked here, at construction; projectors and stateful losses are built by
     :meth:`build` from one dry run on an example batch (the trainer calls it with the first
     training batch before the optimiser exists), so every shape error comes before training.
+
+    ``task`` (a :class:`~crossdistill.tasks.Task` or its name; default classification) says
+    which batch key holds the targets, which positions count, and the models' default
+    inputs. ``io`` / ``teacher_io`` (a :class:`~crossdistill.adapters.ModelIO`, a dict of its
+    arguments, or per teacher a dict of those) say how each model is called and where its
+    logits are. ``prepare`` stages (see :mod:`crossdistill.prepare`) transform each training
+    batch before the forward, seeded by the run's seed and step.
+
+    Inside your own loop: ``out = distiller(batch); out.total.backward()``, and tell it where
+    training stands with :meth:`set_progress` (term warm-ups and schedules read it).
     """
 
     def __init__(
@@ -136,16 +166,21 @@ class Distiller(nn.Module):
         teacher: nn.Module | Mapping[str, nn.Module] | None = None,
         terms: Sequence[Term] = (),
         *,
-        input_key: str = "x",
-        label_key: str = "y",
-        teacher_input_key: str | None = None,
+        task=None,
+        io=None,
+        teacher_io=None,
         num_samples: int | None = None,
         hooks: Sequence[Callable[[Distiller], None]] = (),
         mixture: nn.Module | None = None,
+        prepare: Sequence = (),
+        seed: int = 0,
     ):
         super().__init__()
+        self.task = _tasks.build(task)
         if not terms:
-            terms = [Term("ce")]
+            terms = self.task.default_terms()
+        if not terms:
+            raise ConfigError("terms", [], f"task {self.task.name!r} has no default terms: give some")
         self.student = student
         teachers = (
             {}
@@ -157,27 +192,46 @@ class Distiller(nn.Module):
         if mixture is not None and len(self.teachers) < 2:
             raise ConfigError("mixture", mixture.mode, "a mixture needs at least two teachers")
         self.terms = list(_unique_names(terms))
-        self.input_key, self.label_key = input_key, label_key
-        self.teacher_input_key = teacher_input_key or input_key
+        self.io = self._io(io, "student")
+        per_teacher = (  # {teacher name: spec}, or one spec for every teacher
+            isinstance(teacher_io, Mapping) and teacher_io and set(teacher_io) <= set(self.teachers)
+        )
+        per = teacher_io if per_teacher else None
+        self.teacher_io = {
+            n: self._io(per.get(n) if per is not None else teacher_io, f"teachers.{n}")
+            for n in self.teachers
+        }
         self.num_samples = num_samples
-        self.epoch = 0.0  # fractional epoch, set by the trainer (term warm-ups, schedules)
+        self.seed = int(seed)
+        self.step, self.total_steps, self.steps_per_epoch = 0, None, None
+        self.epoch = 0.0  # fractional epoch (term warm-ups, schedules); see set_progress
         self.total_epochs = 1
+        self._warned_progress = False
         self.last_losses: dict[str, float] = {}
         self.hooks = list(hooks)
+        self.prepare = nn.ModuleList([_prepare_stage(p) for p in prepare])
+        self._calls = 0  # forwards since the last set_progress (gradient accumulation)
+        self.structure_log: list[dict] = []
+        self.structure_changed = False
         self.projectors = nn.ModuleDict()
         self.loss_modules = nn.ModuleDict()
         self._ctx: dict[str, set[str]] = {}
+        self._s_out = _output_taps(self.terms, "student")
         self._s_cap = Capture(student, self._tap_map(self.terms, "student"), "student tap")
         for t in self.terms:
             if t.teacher:
                 self._teacher_of(t)  # every teacher-side term names a teacher that exists
         self._t_caps: dict[str, Capture | dict[str, Tap]] = {}
+        self._t_out: dict[str, dict[str, Tap]] = {}
+        self._t_logits: dict[str, bool] = {}
         for name, model in self.teachers.items():
             terms_here = [t for t in self.terms if t.teacher and self._teacher_of(t) == name]
-            taps = self._tap_map(terms_here, "teacher")
-            if mixture is not None:
-                taps.setdefault(LOGITS, Tap(LOGITS))
+            taps = self._tap_map(terms_here, "teacher", hooked=False)
+            self._t_logits[name] = LOGITS in taps or mixture is not None
+            self._t_out[name] = _output_taps(terms_here, "teacher")
             if getattr(model, "is_store", False):
+                if mixture is not None:
+                    taps.setdefault(LOGITS, Tap(LOGITS))
                 for key in taps:
                     if key not in model.taps:
                         raise ConfigError(
@@ -188,13 +242,23 @@ class Distiller(nn.Module):
                         )
                 self._t_caps[name] = taps
             else:
-                self._t_caps[name] = Capture(model, taps, "teacher tap")
+                hooked = self._tap_map(terms_here, "teacher")
+                self._t_caps[name] = Capture(model, hooked, "teacher tap")
         self.built = False
 
     # -- construction -------------------------------------------------------------------
     @staticmethod
-    def _tap_map(terms, side: str) -> dict[str, Tap]:
-        return {str(tap): tap for t in terms for tap in getattr(t, side)}
+    def _tap_map(terms, side: str, hooked: bool = True) -> dict[str, Tap]:
+        """Taps of one side; ``hooked``: only those a forward hook captures (not the logits,
+        which the adapter reads, nor ``output...`` selections of the model's return value)."""
+        taps = {str(tap): tap for t in terms for tap in getattr(t, side)}
+        if hooked:
+            taps = {k: v for k, v in taps.items() if k != LOGITS and v.path != OUTPUT}
+        return taps
+
+    def _io(self, spec, field: str) -> ModelIO:
+        io = ModelIO.parse(copy.copy(spec) if isinstance(spec, ModelIO) else spec, field)
+        return io.with_defaults(self.task.inputs, self.task.class_dim)
 
     def _teacher_of(self, term: Term) -> str:
         if not self.teachers:
@@ -238,8 +302,12 @@ class Distiller(nn.Module):
             return self
         was_training = self.student.training
         self.student.eval()
+        self.io.check_batch(batch)
+        for name, io in self.teacher_io.items():
+            if not getattr(self.teachers[name], "is_store", False) and self._needs_call(name):
+                io.check_batch(batch)
         try:
-            s_vals, t_vals = self._capture(batch)
+            s_vals, t_vals = self._capture(batch, check=True)
             self._mix(t_vals, batch)
         finally:
             self.student.train(was_training)
@@ -274,30 +342,50 @@ class Distiller(nn.Module):
                 self.loss_modules[term.name] = mod.to(device)
             else:
                 params = inspect.signature(term.fn).parameters
-                self._ctx[term.name] = {k for k in ("y", "idx") if k in params}
-                self._score(term, s, t, batch)  # fail now on incompatible shapes
+                self._ctx[term.name] = {k for k in ("y", "idx", "mask") if k in params}
+                self._score(term, s, t, batch, self.context(batch))  # fail now on bad shapes
         self.train(self.training)
         self.built = True
         return self
 
     # -- the step -----------------------------------------------------------------------
-    def _capture(self, batch):
-        self._s_cap.clear()
-        self._s_cap.active = True
+    def run_model(self, model, io: ModelIO, cap: Capture, out_taps: dict, batch, check=False):
+        """Call one model through its adapter with its hooks armed; returns its tap values
+        (``"logits"`` = the adapter's logits, class axis last)."""
+        cap.clear()
+        cap.active = True
         try:
-            logits = self.student(batch[self.input_key])
+            out = io.call(model, batch, **_output_flags(out_taps))
         finally:
-            self._s_cap.active = False
-        s_vals = {k: self._s_cap.get(k) for k in self._s_cap.taps}
-        s_vals[None] = logits
-        return s_vals, self.teacher_signals(batch)
+            cap.active = False
+        vals = {k: cap.get(k) for k in cap.taps}
+        vals[LOGITS] = io.check(out) if check else io.logits(out)
+        for key, tap in out_taps.items():
+            v = select(out, tap.select, f"{io.field} tap {key!r}")
+            if not torch.is_tensor(v):
+                raise ConfigError(
+                    f"{io.field} tap", key, f"selects a {type(v).__name__}, not a tensor "
+                    "(HF: attentions need attn_implementation: eager)",
+                )
+            vals[key] = v
+        return vals, out
+
+    def _capture(self, batch, check: bool = False):
+        s_vals, out = self.run_model(self.student, self.io, self._s_cap, self._s_out, batch, check)
+        s_vals[None] = s_vals[LOGITS]
+        self.last_output = out
+        return s_vals, self.teacher_signals(batch, check)
+
+    def _needs_call(self, name: str) -> bool:
+        cap = self._t_caps[name]
+        return bool(self._t_logits[name] or self._t_out[name] or getattr(cap, "taps", cap))
 
     @torch.no_grad()
-    def teacher_signals(self, batch) -> dict[tuple[str, str], torch.Tensor]:
+    def teacher_signals(self, batch, check: bool = False) -> dict[tuple[str, str], torch.Tensor]:
         """Every teacher tap's value for ``batch``, keyed ``(teacher name, tap)``: run online
-        (frozen, no grad) or looked up by ``batch["idx"]`` in a teacher store."""
+        (frozen, no grad) through its adapter, or looked up by ``batch["idx"]`` in a store."""
         out = {}
-        device = batch[self.input_key].device
+        device = next(iter(batch.values())).device
         for name, model in self.teachers.items():
             cap = self._t_caps[name]
             if getattr(model, "is_store", False):
@@ -305,16 +393,20 @@ class Distiller(nn.Module):
                     raise ConfigError("batch", sorted(batch), "a teacher store needs batch['idx']")
                 out.update({(name, k): model.lookup(batch["idx"], k).to(device) for k in cap})
                 continue
-            if not cap.taps:
+            if not self._needs_call(name):
                 continue
-            cap.clear()
-            cap.active = True
-            try:
-                model(batch[self.teacher_input_key])
-            finally:
-                cap.active = False
-            out.update({(name, k): cap.get(k) for k in cap.taps})
+            vals, _ = self.run_model(
+                model, self.teacher_io[name], cap, self._t_out[name], batch, check
+            )
+            out.update({(name, k): v for k, v in vals.items()})
         return out
+
+    def context(self, batch) -> Context:
+        """What losses may read besides the two taps: targets, the position mask, sample ids."""
+        return Context(
+            y=self.task.targets(batch), mask=self.task.loss_mask(batch), idx=batch.get("idx"),
+            batch=batch,
+        )
 
     def _mix(self, t_vals: dict, batch) -> torch.Tensor | None:
         """Add the mixture's target to ``t_vals``; return its auxiliary (router) loss."""
@@ -325,23 +417,100 @@ class Distiller(nn.Module):
             self.mixture.setup(list(self.teachers), first.shape[1])
             self.mixture.to(first.device)
         logits = {n: t_vals[(n, LOGITS)] for n in self.teachers}
-        mixed, _, aux = self.mixture(logits, batch.get(self.label_key))
+        mixed, _, aux = self.mixture(logits, self.task.targets(batch))
         t_vals[(self.mixture.name, LOGITS)] = mixed.detach()
         return aux
 
-    def _score(self, term: Term, s: list, t: list, batch) -> torch.Tensor:
+    def _score(self, term: Term, s: list, t: list, batch, ctx: Context) -> torch.Tensor:
         one = lambda xs: xs if term.multi else (xs[0] if xs else None)  # noqa: E731
         if term.stateful:
-            return self.loss_modules[term.name](
-                one(s), one(t), y=batch.get(self.label_key), idx=batch.get("idx")
-            )
-        ctx = {"y": batch.get(self.label_key), "idx": batch.get("idx")}
-        kwargs = {k: ctx[k] for k in self._ctx[term.name]}
-        return term.fn(one(s), one(t), **kwargs, **term.params)
+            mod = self.loss_modules[term.name]
+            extra = {"mask": ctx.mask} if getattr(mod, "takes_mask", False) else {}
+            return term.reduce(mod(one(s), one(t), y=ctx.y, idx=ctx.idx, **extra), ctx)
+        kwargs = {k: getattr(ctx, k) for k in self._ctx[term.name]}
+        return term.reduce(term.fn(one(s), one(t), **kwargs, **term.params), ctx)
+
+    # -- progress, for the trainer or your own loop ---------------------------------------
+    def set_progress(
+        self,
+        step: int,
+        total_steps: int,
+        *,
+        steps_per_epoch: int | None = None,
+        epoch: float | None = None,
+    ):
+        """Where training stands: optimiser ``step`` of ``total_steps``. Term warm-ups count
+        in epochs of ``steps_per_epoch`` steps (default: the whole run is one epoch);
+        ``epoch`` gives the fractional epoch directly (the Trainer passes it per micro-batch)."""
+        self.step, self.total_steps = int(step), int(total_steps)
+        self.steps_per_epoch = steps_per_epoch or self.total_steps
+        self.epoch = self.step / max(self.steps_per_epoch, 1) if epoch is None else float(epoch)
+        self.total_epochs = max(1, round(self.total_steps / max(self.steps_per_epoch, 1)))
+        self._calls = 0
+
+    def _check_progress(self) -> None:
+        if self.total_steps is None and not self._warned_progress:
+            ramps = [t.name for t in self.terms if t.warmup > 0]
+            if ramps:
+                warnings.warn(
+                    f"terms {ramps} have a warm-up but the distiller was never told its "
+                    "progress: call distiller.set_progress(step, total_steps) each step "
+                    "(the Trainer does); until then they use epoch 0",
+                    stacklevel=3,
+                )
+            self._warned_progress = True
+
+    def prepare_batch(self, batch: Mapping) -> dict:
+        """Run the ``prepare`` stages (training only), each seeded by (seed, stage, step,
+        call), so a resumed run draws exactly what an uninterrupted one would."""
+        if not len(self.prepare) or not self.training:
+            return batch
+        batch = dict(batch)
+        for i, stage in enumerate(self.prepare):
+            seed = ((self.seed * 1_000_003 + i) * 100_003 + self.step) * 101 + self._calls
+            dev = next(iter(batch.values())).device
+            gen = torch.Generator(dev).manual_seed(seed % (2**63))
+            batch = stage(batch, PrepareState(self, gen))
+        self._calls += 1
+        return batch
+
+    # -- structure events -------------------------------------------------------------------
+    def apply_structure(self, op: str, **args) -> None:
+        """Change the student's structure with a registered structure op (pruning, dropping
+        layers, ...). The op is logged, so a resumed run replays it before loading weights;
+        the trainer then rebuilds the optimiser and the projectors."""
+        from .structure import apply
+
+        apply(self.student, op, args)
+        self.structure_log.append({"op": op, **args})
+        self.structure_changed = True
+
+    def replay_structure(self, log: Sequence[Mapping]) -> None:
+        from .structure import apply
+
+        for event in log:
+            args = {k: v for k, v in event.items() if k != "op"}
+            apply(self.student, event["op"], args)
+            self.structure_log.append(dict(event))
+        if log:
+            self.structure_changed = True
+
+    def rebuild(self, batch: Mapping) -> None:
+        """After a structure event: re-create hooks, projectors and stateful losses."""
+        self._s_cap.remove()
+        self._s_cap = Capture(self.student, self._tap_map(self.terms, "student"), "student tap")
+        self.projectors = nn.ModuleDict()
+        self.loss_modules = nn.ModuleDict()
+        self.built = False
+        self.build(batch)
+        self.structure_changed = False
 
     def forward(self, batch: Mapping) -> Output:
         if not self.built:
             self.build(batch)
+        self._check_progress()
+        batch = self.prepare_batch(batch)
+        ctx = self.context(batch)
         s_vals, t_vals = self._capture(batch)
         aux = self._mix(t_vals, batch)
         losses, total = {}, 0.0
@@ -353,12 +522,12 @@ class Distiller(nn.Module):
             t = [t_vals[(self._teacher_of(term), str(tap))] for tap in term.teacher]
             if term.name in self.projectors:
                 s = [self.projectors[term.name](s[0])]
-            value = self._score(term, s, t, batch)
+            value = self._score(term, s, t, batch, ctx)
             losses[term.name] = value
             total = total + term.weight_at(self.epoch) * value
         if self.training:
             self.last_losses = {k: v.detach() for k, v in losses.items()}
-        return Output(logits=s_vals[None], losses=losses, total=total)
+        return Output(logits=s_vals[None], losses=losses, total=total, batch=batch)
 
     def on_step(self) -> None:
         """Called by the trainer after every optimiser step: methods' schedules (e.g. TAID's
@@ -408,6 +577,11 @@ class Distiller(nn.Module):
             from .io import save_weights
 
             save_weights(student.state_dict(), path)
+            if hasattr(student, "save_pretrained"):  # a Hugging Face student: also its own format
+                student.save_pretrained(
+                    str(os.fspath(path)).removesuffix(".safetensors") + "_hf",
+                    safe_serialization=True,
+                )
         return student
 
     def extra_repr(self) -> str:
@@ -424,3 +598,37 @@ def _unique_names(terms: Sequence[Term]):
         if n:
             t.name = f"{t.name}_{n + 1}"
         yield t
+
+
+class PrepareState:
+    """What a prepare stage may read: the distiller (its student, teachers, step) and a
+    generator seeded for this call."""
+
+    def __init__(self, distiller: Distiller, generator: torch.Generator):
+        self.distiller, self.generator = distiller, generator
+
+    @property
+    def step(self) -> int:
+        return self.distiller.step
+
+
+def _prepare_stage(spec):
+    from .prepare import build_stage
+
+    return build_stage(spec)
+
+
+def _output_taps(terms, side: str) -> dict[str, Tap]:
+    return {str(tap): tap for t in terms for tap in getattr(t, side) if tap.path == OUTPUT}
+
+
+def _output_flags(out_taps: Mapping[str, Tap]) -> dict:
+    """Ask a Hugging Face model for hidden states / attentions when a tap selects them."""
+    flags = {}
+    for tap in out_taps.values():
+        first = str(tap.select).split(".")[0]
+        if first == "hidden_states":
+            flags["output_hidden_states"] = True
+        elif first == "attentions":
+            flags["output_attentions"] = True
+    return flags

@@ -1,4 +1,5 @@
-"""The one registry primitive: losses, projectors, models, datasets, methods, condensers.
+"""The one registry primitive: losses, projectors, models, datasets, methods, condensers,
+tasks, prepare stages and structure operations.
 
 A registry maps a name to a callable. Lookup of an unknown name raises a
 :class:`~crossdistill.errors.ConfigError` that lists every name that exists, so typos in a
@@ -63,3 +64,6 @@ MODELS = Registry("models")
 DATASETS = Registry("datasets")
 METHODS = Registry("methods")
 CONDENSERS = Registry("condensers")
+TASKS = Registry("tasks")
+PREPARES = Registry("prepares")
+STRUCTURE_OPS = Registry("structure ops")

@@ -16,7 +16,8 @@ from torch import nn
 
 from .errors import ConfigError, nearest
 
-LOGITS = "logits"  # alias for the model's own output (the root module, path "")
+LOGITS = "logits"  # the model's logits, as its adapter (ModelIO) finds them
+OUTPUT = "output"  # "output.hidden_states[2]": a selection from the model's return value
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,8 @@ class Tap:
 
     @classmethod
     def parse(cls, spec: str | Tap | Mapping) -> Tap:
-        """``"layer3"``, ``"head:input"``, ``"encoder:output[0]"``, a dict or a Tap."""
+        """``"layer3"``, ``"head:input"``, ``"encoder:output[0]"``, ``"output.hidden_states[-1]"``
+        (from the model's return value: HF hidden states / attentions), a dict or a Tap."""
         if isinstance(spec, Tap):
             return spec
         if isinstance(spec, Mapping):
@@ -48,6 +50,11 @@ class Tap:
             path = spec
         if ":" in spec:
             path, kind = spec.rsplit(":", 1)
+        if path == OUTPUT or path.startswith(OUTPUT + "."):  # the return value, not a hook
+            steps = [p for p in path.split(".")[1:]] + ([] if select is None else [str(select)])
+            if not steps:
+                raise ConfigError("tap", spec, "select from the output, e.g. output.hidden_states[-1]")
+            return cls(OUTPUT, "output", ".".join(steps))
         return cls(path, kind, select)
 
     @property

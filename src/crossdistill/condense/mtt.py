@@ -65,7 +65,7 @@ def record_experts(
     )
     if key in _EXPERTS:
         return _EXPERTS[key]
-    data = Dataset(x.cpu(), y.cpu(), torch.arange(len(y)), num_classes=num_classes)
+    data = Dataset.classification(x.cpu(), y.cpu(), torch.arange(len(y)), num_classes=num_classes)
     out = []
     for e in range(n):
         model = seeded_model(

@@ -272,7 +272,7 @@ def train_models(
         raise ConfigError("holdout", holdout, "a fraction in (0, 1)")
     x, y = real.x.detach().cpu(), real.y.detach().cpu()
     tr, ho = holdout_split(len(y), holdout, seed)
-    full = Dataset(x, y, torch.arange(len(y)), "condense", "train", real.num_classes)
+    full = Dataset.classification(x, y, torch.arange(len(y)), "condense", "train", real.num_classes)
     fp = _fingerprint(x, y)
     out_models, accs = [], []
     seen: dict[str, int] = {}

@@ -9,7 +9,7 @@
   official 60k train set is split 55,000 / 5,000 into train / val and the 10k set is test.
 
 Inputs are normalised with the train split's mean and std. ``labelled=k`` keeps labels on a
-stratified ``k`` training samples and sets the rest to -1 (unlabelled, for KD with few labels).
+stratified ``k`` training samples and sets the rest to -100 (``IGNORE_INDEX``) (unlabelled, for KD with few labels).
 """
 
 from __future__ import annotations
@@ -21,12 +21,12 @@ import torch.nn.functional as F
 from ..errors import ConfigError
 from ..registry import DATASETS
 from . import sources
-from .dataset import Batches, Dataset
+from .dataset import IGNORE_INDEX, KINDS, Batches, Dataset
 from .splits import stratified_split
 
 SPLITS = ("train", "val", "test")
 
-__all__ = ["Batches", "Dataset", "load", "names", "stratified_split", "SPLITS"]
+__all__ = ["IGNORE_INDEX", "KINDS", "Batches", "Dataset", "load", "names", "stratified_split", "SPLITS"]
 
 
 @DATASETS.register(
@@ -103,7 +103,7 @@ def load(
         keep = stratified_split(ys.numpy(), {"keep": labelled}, split_seed + 1)["keep"]
         mask = torch.ones(len(ys), dtype=torch.bool)
         mask[torch.from_numpy(keep)] = False
-        ys[mask] = -1
+        ys[mask] = IGNORE_INDEX
     info = {
         "mean": mean,
         "std": std,
@@ -112,7 +112,7 @@ def load(
         "img_size": img_size,
         "labelled": labelled,
     }
-    return Dataset(
+    return Dataset.classification(
         xs.float().contiguous(),
         ys,
         torch.from_numpy(sel.astype(np.int64)),

@@ -1,7 +1,10 @@
 """Losses on class logits: supervised cross-entropy, KD (forward KL), reverse KL, DKD and DIST.
 
-All functions take student logits ``s`` and teacher logits ``t`` of shape (B, K) and return a
-scalar averaged over the batch. Softmaxes run in at least float32 (half inputs are upcast),
+All functions take student logits ``s`` and teacher logits ``t`` of shape (..., K): classes
+on the last dimension, any leading dims (samples, tokens, pixels). ``ce``, ``kd``, ``rkl``
+and ``dkd`` return one value per position, shape (...); the :class:`~crossdistill.Term`
+averages them over the context's mask (labelled positions for ``ce``). ``dist`` compares
+relations across the batch, so it returns a scalar over the valid rows (``mask``). Softmaxes run in at least float32 (half inputs are upcast),
 because a bf16 softmax at temperature 4 loses most of the "dark knowledge" in the tail.
 The teacher is always detached. None of these multiplies its own term weight; the weight a
 paper recommends is registered as ``default_weight``.
@@ -26,17 +29,24 @@ def _check_temperature(name: str, temperature: float) -> None:
 
 
 def _check_logits(name: str, s: Tensor, t: Tensor) -> None:
-    if s.dim() != 2 or s.shape != t.shape:
+    if s.dim() < 2 or s.shape != t.shape:
+        hint = ""
+        if s.dim() >= 2 and s.shape[:-1] == t.shape[:-1]:
+            hint = (
+                f" (vocabularies differ: student {s.shape[-1]}, teacher {t.shape[-1]}; a "
+                "same-tokenizer loss needs one vocabulary: use a cross-tokenizer loss such as "
+                "ULD or ALM for different tokenizers)"
+            )
         raise ConfigError(
             f"{name}.inputs",
             f"student {tuple(s.shape)} vs teacher {tuple(t.shape)}",
-            "both must be (batch, classes) logits with the same number of classes",
+            "both must be (..., classes) logits of the same shape" + hint,
         )
 
 
 def _soft_kl(log_p_s: Tensor, p_t: Tensor) -> Tensor:
-    """KL(p_t || p_s) summed over classes, averaged over the batch ("batchmean")."""
-    return F.kl_div(log_p_s, p_t, reduction="batchmean")
+    """KL(p_t || p_s) summed over the last (class) dimension: one value per position."""
+    return F.kl_div(log_p_s, p_t, reduction="none").sum(-1)
 
 
 @LOSSES.register(
@@ -49,20 +59,29 @@ def _soft_kl(log_p_s: Tensor, p_t: Tensor) -> Tensor:
 def ce(s: Tensor, t: Tensor | None = None, *, y: Tensor, label_smoothing: float = 0.0) -> Tensor:
     """Cross-entropy of the student logits against hard labels; the teacher is ignored.
 
-    Implements ``-1/B sum_i sum_k q_ik log softmax(s_i)_k`` with ``q = (1-eps) onehot(y) +
-    eps/K`` (label smoothing, Christian Szegedy et al., 2016; ``eps=0`` is plain CE).
+    Implements ``-sum_k q_ik log softmax(s_i)_k`` per position i, with ``q = (1-eps)
+    onehot(y) + eps/K`` (label smoothing, Christian Szegedy et al., 2016; ``eps=0`` is plain
+    CE); the Term averages over the labelled positions.
 
-    Shapes: ``s`` (B, K) logits, ``y`` (B,) integer class indices; ``y == -1`` marks an
-    unlabelled sample (few-label training), which is left out of the mean. Default weight 1.0.
+    Shapes: ``s`` (..., K) logits, ``y`` (...) integer targets; ``y == -100`` marks an
+    unlabelled sample or ignored token/pixel (value 0 there, left out of the mean by the
+    Term). Default weight 1.0.
     """
     if not 0.0 <= label_smoothing < 1.0:
         raise ConfigError("ce.label_smoothing", label_smoothing, "must be in [0, 1)")
     y = y.long()
+    if s.dim() == 2:
+        return F.cross_entropy(
+            _upcast(s), y, label_smoothing=label_smoothing, ignore_index=-100, reduction="none"
+        )
     per = F.cross_entropy(
-        _upcast(s), y, label_smoothing=label_smoothing, ignore_index=-1, reduction="none"
-    )  # 0 where y == -1
-    # mean over labelled samples, 0 for a batch without labels; no host sync (GPU-friendly)
-    return per.sum() / (y >= 0).sum().clamp_min(1)
+        _upcast(s).reshape(-1, s.shape[-1]),
+        y.reshape(-1),
+        label_smoothing=label_smoothing,
+        ignore_index=-100,
+        reduction="none",
+    )
+    return per.view(y.shape)
 
 
 @LOSSES.register(
@@ -75,18 +94,19 @@ def ce(s: Tensor, t: Tensor | None = None, *, y: Tensor, label_smoothing: float 
 def kd(s: Tensor, t: Tensor, *, temperature: float = 4.0) -> Tensor:
     """Soft-target distillation (Geoffrey Hinton, Oriol Vinyals, Jeff Dean, 2015).
 
-    ``L = T^2 * 1/B sum_i KL( softmax(t_i/T) || softmax(s_i/T) )``. The ``T^2`` keeps the
+    ``L_i = T^2 * KL( softmax(t_i/T) || softmax(s_i/T) )`` per position i (Eq. 2's soft
+    targets; the Term averages over positions). The ``T^2`` keeps the
     gradient scale independent of ``T`` (the paper's argument), so the term weight need not be
     re-tuned when ``T`` changes.
 
-    Shapes: ``s``, ``t`` (B, K) logits. Default T=4; recommended term weight 0.9 (with CE at 0.1,
+    Shapes: ``s``, ``t`` (..., K) logits -> (...). Default T=4; recommended term weight 0.9 (with CE at 0.1,
     the CIFAR-100 setting of the CRD benchmark).
     """
     _check_temperature("kd", temperature)
     _check_logits("kd", s, t)
     s, t = _pair(s, t)
-    log_p_s = F.log_softmax(s / temperature, dim=1)
-    p_t = F.softmax(t / temperature, dim=1)
+    log_p_s = F.log_softmax(s / temperature, dim=-1)
+    p_t = F.softmax(t / temperature, dim=-1)
     return _soft_kl(log_p_s, p_t) * temperature**2
 
 
@@ -100,7 +120,7 @@ def kd(s: Tensor, t: Tensor, *, temperature: float = 4.0) -> Tensor:
 def rkl(s: Tensor, t: Tensor, *, temperature: float = 1.0) -> Tensor:
     """Reverse KL, the mode-seeking baseline that TAID (Shing et al., "TAID: Temporally Adaptive
     Interpolated Distillation", ICLR 2025) compares against next to forward KL:
-    ``L = T^2 * 1/B sum_i KL( softmax(s_i/T) || softmax(t_i/T) )``.
+    ``L_i = T^2 * KL( softmax(s_i/T) || softmax(t_i/T) )`` per position i.
 
     Gradient flows through both the student's distribution and its log-probabilities (the
     teacher is detached). Default T=1 (the paper's setting).
@@ -108,24 +128,24 @@ def rkl(s: Tensor, t: Tensor, *, temperature: float = 1.0) -> Tensor:
     _check_temperature("rkl", temperature)
     _check_logits("rkl", s, t)
     s, t = _pair(s, t)
-    log_p_s = F.log_softmax(s / temperature, dim=1)
-    log_p_t = F.log_softmax(t / temperature, dim=1)
-    return (log_p_s.exp() * (log_p_s - log_p_t)).sum(1).mean() * temperature**2
+    log_p_s = F.log_softmax(s / temperature, dim=-1)
+    log_p_t = F.log_softmax(t / temperature, dim=-1)
+    return (log_p_s.exp() * (log_p_s - log_p_t)).sum(-1) * temperature**2
 
 
 def _binary_target_kl(s: Tensor, t: Tensor, onehot: Tensor, temperature: float) -> Tensor:
     """TCKD: KL between the binary distributions [p_target, 1 - p_target] of teacher/student."""
-    p_s = F.softmax(s / temperature, dim=1)
-    p_t = F.softmax(t / temperature, dim=1)
-    b_s = torch.stack([(p_s * onehot).sum(1), (p_s * (1 - onehot)).sum(1)], dim=1)
-    b_t = torch.stack([(p_t * onehot).sum(1), (p_t * (1 - onehot)).sum(1)], dim=1)
+    p_s = F.softmax(s / temperature, dim=-1)
+    p_t = F.softmax(t / temperature, dim=-1)
+    b_s = torch.stack([(p_s * onehot).sum(-1), (p_s * (1 - onehot)).sum(-1)], dim=-1)
+    b_t = torch.stack([(p_t * onehot).sum(-1), (p_t * (1 - onehot)).sum(-1)], dim=-1)
     return _soft_kl(torch.log(b_s), b_t)
 
 
 def _non_target_kl(s: Tensor, t: Tensor, onehot: Tensor, temperature: float) -> Tensor:
     """NCKD: KL over the non-target classes, renormalised by masking the target logit."""
-    log_p_s = F.log_softmax(s / temperature - _MASK * onehot, dim=1)
-    p_t = F.softmax(t / temperature - _MASK * onehot, dim=1)
+    log_p_s = F.log_softmax(s / temperature - _MASK * onehot, dim=-1)
+    p_t = F.softmax(t / temperature - _MASK * onehot, dim=-1)
     return _soft_kl(log_p_s, p_t)
 
 
@@ -152,19 +172,23 @@ def dkd(
     ``TCKD = KL([p_y^t, 1-p_y^t] || [p_y^s, 1-p_y^s])`` and
     ``NCKD = KL(p_hat^t || p_hat^s)``, where ``p_hat`` is the softmax over the classes other
     than ``y`` (computed by subtracting 1000 from the target logit before the softmax).
-    Both KLs are averaged over the batch. Classic KD equals ``TCKD + (1 - p_y^t) NCKD``.
+    Both KLs are per position (the Term averages). Classic KD equals
+    ``TCKD + (1 - p_y^t) NCKD`` (Eq. 1 of the paper).
 
-    Shapes: ``s``, ``t`` (B, K) logits, ``y`` (B,) labels. Defaults alpha=1, beta=8, T=4
+    Shapes: ``s``, ``t`` (..., K) logits, ``y`` (...) labels; positions with ``y = -100``
+    return 0 and the Term leaves them out of the mean (DKD needs a target class). Defaults alpha=1, beta=8, T=4
     (CIFAR-100). Term weight 1.0; the paper ramps the DKD term linearly over the first 20
     epochs -- that warm-up is a term-weight schedule, configured outside this function.
     """
     _check_temperature("dkd", temperature)
     _check_logits("dkd", s, t)
     s, t = _pair(s, t)
-    onehot = F.one_hot(y.long(), s.shape[1]).to(s.dtype)
+    y = y.long()
+    labelled = y != -100
+    onehot = F.one_hot(y.clamp_min(0), s.shape[-1]).to(s.dtype)
     tckd = _binary_target_kl(s, t, onehot, temperature)
     nckd = _non_target_kl(s, t, onehot, temperature)
-    return (alpha * tckd + beta * nckd) * temperature**2
+    return torch.where(labelled, (alpha * tckd + beta * nckd) * temperature**2, 0.0)
 
 
 def _mean_pearson(a: Tensor, b: Tensor, eps: float = 1e-8) -> Tensor:
@@ -189,6 +213,7 @@ def dist(
     beta: float = 1.0,
     gamma: float = 1.0,
     temperature: float = 4.0,
+    mask: Tensor | None = None,
 ) -> Tensor:
     """DIST (Tao Huang, Shan You, Fei Wang, Chen Qian, Chang Xu, NeurIPS 2022).
 
@@ -199,12 +224,18 @@ def dist(
     ``L = T^2 * (beta * inter + gamma * intra)``, where rho is the Pearson correlation
     (with eps=1e-8 in the denominator).
 
-    Shapes: ``s``, ``t`` (B, K) logits, B >= 2 for a meaningful intra term.
+    Shapes: ``s``, ``t`` (..., K) logits; leading dims are flattened to rows and only the
+    rows the context's ``mask`` keeps enter (>= 2 rows for a meaningful intra term).
     Defaults beta=gamma=1, T=4 (the paper's ImageNet setting); term weight 1.0.
     """
     _check_temperature("dist", temperature)
     _check_logits("dist", s, t)
     s, t = _pair(s, t)
+    if s.dim() > 2 or mask is not None:
+        keep = None if mask is None else mask.reshape(-1)
+        s, t = s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1])
+        if keep is not None:
+            s, t = s[keep], t[keep]
     p_s = F.softmax(s / temperature, dim=1)
     p_t = F.softmax(t / temperature, dim=1)
     inter = 1 - _mean_pearson(p_s, p_t)

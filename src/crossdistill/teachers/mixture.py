@@ -117,5 +117,5 @@ class Mixture(nn.Module):
         mixed = combine(z, w, self.space)
         aux = None
         if self.mode == "router" and y is not None and (y >= 0).any():
-            aux = F.cross_entropy(mixed, y, ignore_index=-1)
+            aux = F.cross_entropy(mixed, y, ignore_index=-100)
         return mixed, w, aux

@@ -27,6 +27,7 @@ class TrainConfig:
     augment_shift: int = 0
     augment_flip: bool = False
     eval_batch_size: int = 512
+    num_workers: int = 0  # DataLoader workers for map-style datasets
     progress: bool = True
     strategy: str = "ddp"  # under torchrun: "ddp" | "fsdp"
     find_unused: bool = False  # DDP find_unused_parameters

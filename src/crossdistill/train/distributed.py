@@ -86,13 +86,35 @@ def wrap(distiller: nn.Module, strategy: str, d: Dist, find_unused: bool = False
     raise ValueError(f"unknown strategy {strategy!r}")
 
 
-def all_reduce_sums(sums: dict[str, float], d: Dist) -> dict[str, float]:
-    if not d.active or not sums:
-        return sums
-    keys = sorted(sums)
-    t = torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64)
-    dist.all_reduce(t)
-    return dict(zip(keys, t.tolist()))
+def all_reduce_sums(sums: dict, d: Dist) -> dict:
+    """Sum metric sums over ranks. Scalars (floats or 0-d tensors) come back as floats,
+    larger tensors (a confusion matrix) as CPU float64 tensors, and ``cat:`` entries
+    (retrieval embeddings) are concatenated in rank order."""
+    scalars = sorted(k for k, v in sums.items() if not torch.is_tensor(v) or v.dim() == 0)
+    scalars = [k for k in scalars if not k.startswith("cat:")]
+    out = {}
+    if scalars:
+        t = torch.tensor([float(sums[k]) for k in scalars], dtype=torch.float64)
+        if d.active:
+            dist.all_reduce(t)
+        out.update(zip(scalars, t.tolist()))
+    for k, v in sums.items():
+        if k in out:
+            continue
+        if k.startswith("cat:"):
+            v = v.detach().cpu()
+            if d.active:
+                parts = [None] * d.world
+                dist.all_gather_object(parts, v)
+                v = torch.cat(parts)
+            out[k] = v
+        else:
+            v = v.detach().double()
+            if d.active:
+                v = v.clone()
+                dist.all_reduce(v)
+            out[k] = v.cpu()
+    return out
 
 
 def gather_rng(d: Dist) -> list[torch.Tensor]:

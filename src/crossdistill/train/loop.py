@@ -17,10 +17,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..data import Batches, Dataset
+from ..data import Dataset
+from ..data.loaders import eval_batches, make_batches
 from ..errors import ConfigError
 from ..io import load_weights, save_weights
 from . import checkpoint
@@ -33,38 +33,36 @@ from .schedule import lr_at
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module,
-    data: Dataset,
+    data,
     batch_size: int = 512,
     device: str | torch.device = "cpu",
     dist: D.Dist | None = None,
+    *,
+    task=None,
+    io=None,
 ) -> dict[str, float]:
-    """Accuracy and mean CE of ``model`` on the labelled samples of ``data``.
+    """The task's metrics of ``model`` on ``data`` (default: classification accuracy and CE
+    on the labelled samples). ``io`` is the model's adapter (default ``model(batch["x"])``).
 
     Under torch.distributed each rank scores every ``world``-th sample (shards padded to equal
     length so collective forwards, e.g. FSDP's, stay in step) and the sums are all-reduced.
     """
+    from .. import tasks
+    from ..adapters import ModelIO
+
     d = dist or D.Dist()
+    task = tasks.build(task)
+    io = ModelIO.parse(io, "student").with_defaults(task.inputs, task.class_dim)
     was = model.training
     model.eval()
-    ids = torch.arange(len(data))
-    per = -(-len(ids) // d.world)
-    ids = torch.cat([ids, ids[: per * d.world - len(ids)]])[d.rank :: d.world]
-    real = torch.arange(len(ids)) * d.world + d.rank < len(data)  # padding is not counted
-    sums = {"correct": 0.0, "loss": 0.0, "n": 0.0}
-    for start in range(0, len(ids), batch_size):
-        batch = data.batch(ids[start : start + batch_size])
-        keep = (batch["y"] >= 0) & real[start : start + batch_size]
-        logits = model(batch["x"].to(device)).float()
-        y = batch["y"].to(device)
-        k = keep.to(device)
-        if k.any():
-            sums["loss"] += F.cross_entropy(logits[k], y[k], reduction="sum").item()
-            sums["correct"] += (logits[k].argmax(1) == y[k]).sum().item()
-            sums["n"] += k.sum().item()
+    sums: dict = {}
+    for batch, keep in eval_batches(data, batch_size, d.rank, d.world):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        out = io.call(model, batch)
+        task.update(sums, io.logits(out), batch, keep=keep if keep is not None else
+                    torch.ones(len(next(iter(batch.values()))), dtype=torch.bool), out=out)
     model.train(was)
-    sums = D.all_reduce_sums(sums, d)
-    n = max(sums["n"], 1)
-    return {"acc": sums["correct"] / n, "loss": sums["loss"] / n, "n": int(sums["n"])}
+    return task.compute(D.all_reduce_sums(sums, d))
 
 
 class Trainer:
@@ -98,7 +96,10 @@ class Trainer:
         self.results: dict = {}
 
     # -- set-up ---------------------------------------------------------------------------
-    def _setup(self):
+    def setup(self):
+        """Everything before the first step: processes, batches, the dry run that builds
+        projectors, the optimiser. ``fit`` calls it; call it yourself to drive
+        :meth:`train_epoch` / :meth:`train_step` from your own loop."""
         c = self.cfg
         self.dist = D.init(self.device)
         self.device = D.device_for(c.device, self.dist)
@@ -113,7 +114,8 @@ class Trainer:
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
         torch.manual_seed(c.seed)
-        self.batches = Batches(
+        self.distiller.seed = c.seed
+        self.batches = make_batches(
             self.train_data,
             c.batch_size // self.dist.world,
             shuffle=True,
@@ -122,6 +124,7 @@ class Trainer:
             flip=c.augment_flip,
             rank=self.dist.rank,
             world=self.dist.world,
+            num_workers=c.num_workers,
         )
         stores = [n for n, m in self.distiller.teachers.items() if getattr(m, "is_store", False)]
         for name in stores:  # ids, dataset and transform must match what the store was made of
@@ -140,19 +143,7 @@ class Trainer:
         self.model = D.wrap(self.distiller, c.strategy, self.dist, c.find_unused)
         if self.dist.active:  # identical initial weights everywhere, different dropout per rank
             torch.manual_seed(c.seed * 7919 + self.dist.rank)
-        params = [p for p in self.distiller.parameters() if p.requires_grad]
-        if c.optimizer == "sgd":
-            self.opt = torch.optim.SGD(
-                params,
-                lr=c.lr,
-                momentum=c.momentum,
-                nesterov=c.nesterov and c.momentum > 0,
-                weight_decay=c.weight_decay,
-            )
-        elif c.optimizer == "adamw":
-            self.opt = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
-        else:
-            raise ConfigError("train.optimizer", c.optimizer, "allowed: sgd, adamw")
+        self.opt = self._make_optimizer()
         self.steps_per_epoch = math.ceil(len(self.batches) / c.accumulate)
         self.total_steps = c.epochs * self.steps_per_epoch
         self.warmup_steps = round(c.warmup_epochs * self.steps_per_epoch)
@@ -167,10 +158,35 @@ class Trainer:
             "epoch": 0,
             "batch": 0,
             "step": 0,
-            "best_val": -1.0,
+            "best_val": None,
             "best_epoch": -1,
             "sums": {},
         }
+        self._first_batch = first
+        return self
+
+    def _make_optimizer(self):
+        c = self.cfg
+        params = [p for p in self.distiller.parameters() if p.requires_grad]
+        if c.optimizer == "sgd":
+            return torch.optim.SGD(
+                params,
+                lr=c.lr,
+                momentum=c.momentum,
+                nesterov=c.nesterov and c.momentum > 0,
+                weight_decay=c.weight_decay,
+            )
+        elif c.optimizer == "adamw":
+            return torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
+        else:
+            raise ConfigError("train.optimizer", c.optimizer, "allowed: sgd, adamw")
+
+    def _restructure(self) -> None:
+        """After a structure event: new hooks, projectors and optimiser for the new student."""
+        batch = {k: v.to(self.device) for k, v in self._first_batch.items()}
+        self.distiller.rebuild(batch)
+        self.model = D.wrap(self.distiller, self.cfg.strategy, self.dist, self.cfg.find_unused)
+        self.opt = self._make_optimizer()
 
     # -- checkpoints ----------------------------------------------------------------------
     def _ckpt_path(self) -> Path | None:
@@ -238,6 +254,7 @@ class Trainer:
                     "state": state,
                     "config": asdict(self.cfg),
                     "world": self.dist.world,
+                    "structure": [dict(e) for e in self.distiller.structure_log],
                 },
                 self._ckpt_path(),
             )
@@ -253,6 +270,9 @@ class Trainer:
                 "many processes; resume with the same number "
                 f"(now {self.dist.world})",
             )
+        if ck.get("structure"):  # replay structure events, then load the matching weights
+            self.distiller.replay_structure(ck["structure"])
+            self._restructure()
         self._load_states(ck["model"], ck["optimizer"])
         self.scaler.load_state_dict(ck["scaler"])
         torch.set_rng_state(ck["rng"]["cpu"][self.dist.rank])
@@ -264,7 +284,9 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> dict:
-        self._setup()
+        """Train every epoch (from the last checkpoint with ``resume``), pick the best epoch on
+        the validation split by the task's metric, then score the test split once."""
+        self.setup()
         if self.out_dir and self.dist.main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             if not resume:
@@ -275,7 +297,7 @@ class Trainer:
             self._resume()
         t0 = time.time()
         while self.state["epoch"] < self.cfg.epochs:
-            row = self._run_epoch(self.state["epoch"])
+            row = self.train_epoch(self.state["epoch"])
             self.state["epoch"] += 1
             self.state["batch"], self.state["sums"] = 0, {}
             self.save_checkpoint()
@@ -284,7 +306,8 @@ class Trainer:
         self.results = self._finish(time.time() - t0)
         return self.results
 
-    def _run_epoch(self, epoch: int) -> dict:
+    def train_epoch(self, epoch: int) -> dict:
+        """One epoch of steps (from ``state["batch"]`` on, after a resume); returns its row."""
         c, st = self.cfg, self.state
         self.distiller.train()
         n = len(self.batches)
@@ -300,13 +323,9 @@ class Trainer:
         t0 = time.time()
         self.distiller.total_epochs = c.epochs
         for b, batch in enumerate(bar, start=st["batch"]):
-            self.distiller.epoch = epoch + b / n
-            out = self._forward_backward(batch)
-            self._accumulate(out, batch)
+            out = self.train_step(batch, epoch, b, n)
             last = b + 1 == n
             if (b + 1) % c.accumulate == 0 or last:
-                self._optimizer_step()
-                st["batch"] = b + 1
                 if c.checkpoint_every and st["step"] % c.checkpoint_every == 0 and not last:
                     self.save_checkpoint()
             if c.progress and b % 10 == 0:  # .item() syncs a GPU: only when shown
@@ -315,6 +334,22 @@ class Trainer:
                 getattr(cb, "on_batch_end", lambda *a: None)(self, b)
         bar.close()
         return self._epoch_row(epoch, time.time() - t0)
+
+    def train_step(self, batch, epoch: int, b: int, n: int):
+        """Forward and backward of micro-batch ``b`` of ``n``; the optimiser steps every
+        ``accumulate`` micro-batches (and at the epoch's end). Returns the step's Output."""
+        c, st = self.cfg, self.state
+        self.distiller.set_progress(
+            st["step"], self.total_steps, steps_per_epoch=self.steps_per_epoch, epoch=epoch + b / n
+        )
+        out = self._forward_backward(batch)
+        self._accumulate(out, out.batch if out.batch is not None else batch)
+        if (b + 1) % c.accumulate == 0 or b + 1 == n:
+            self._optimizer_step()
+            st["batch"] = b + 1
+            for cb in self.callbacks:
+                getattr(cb, "on_step_end", lambda *a: None)(self, out)
+        return out
 
     def _forward_backward(self, batch):
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
@@ -352,45 +387,55 @@ class Trainer:
         on_step = getattr(self.distiller, "on_step", None)
         if on_step:
             on_step()
+        if getattr(self.distiller, "structure_changed", False):
+            self._restructure()
 
     def _accumulate(self, out, batch):
         """Running sums kept as device tensors: no host sync per step (GPU stays async)."""
         sums = self.state["sums"]
-        y = batch["y"].to(out.logits.device)
-        k = len(y)
-        labelled = y >= 0
+        k = len(out.logits)
         add = {
             "n": torch.tensor(float(k)),
             "loss": out.total.detach().float() * k,
-            "correct": ((out.logits.detach().argmax(1) == y) & labelled).sum().float(),
-            "labelled": labelled.sum().float(),
         }
+        if self.distiller.task.train_metrics:
+            task_sums = {}
+            self.distiller.task.update(task_sums, out.logits, batch)
+            add.update({f"task:{key}": v for key, v in task_sums.items()})
         add.update({f"loss_{name}": v.detach().float() * k for name, v in out.losses.items()})
         for key, v in add.items():
             sums[key] = sums[key] + v if key in sums else v
 
     @staticmethod
-    def _floats(sums: dict) -> dict[str, float]:
-        return {k: float(v) for k, v in sums.items()}
+    def _floats(sums: dict) -> dict:
+        return {k: float(v) if torch.is_tensor(v) and v.dim() == 0 else v for k, v in sums.items()}
+
+    def evaluate(self, data) -> dict:
+        """The task's metrics of the current student on ``data`` (any split)."""
+        return evaluate(
+            self.distiller.student, data, self.cfg.eval_batch_size, self.device, self.dist,
+            task=self.distiller.task, io=self.distiller.io,
+        )
 
     def _epoch_row(self, epoch: int, seconds: float) -> dict:
         s, st = D.all_reduce_sums(self._floats(self.state["sums"]), self.dist), self.state
+        task = self.distiller.task
         row = {
             "epoch": epoch,
             "step": st["step"],
             "lr": st.get("lr", self.cfg.lr),
             "train_loss": s["loss"] / s["n"],
-            "train_acc": s["correct"] / max(1, s["labelled"]),
-            "epoch_time": seconds,
         }
+        if task.train_metrics:
+            m = task.compute({k[5:]: v for k, v in s.items() if k.startswith("task:")})
+            row.update({f"train_{k}": m[k] for k in task.train_metrics})
+        row["epoch_time"] = seconds
         row.update({k: v / s["n"] for k, v in s.items() if k.startswith("loss_")})
         if self.val is not None:
-            v = evaluate(
-                self.distiller.student, self.val, self.cfg.eval_batch_size, self.device, self.dist
-            )
-            row.update(val_acc=v["acc"], val_loss=v["loss"])
-            if v["acc"] > st["best_val"]:
-                st["best_val"], st["best_epoch"] = v["acc"], epoch
+            v = self.evaluate(self.val)
+            row.update({f"val_{k}": x for k, x in v.items() if isinstance(x, float)})
+            if task.better(v[task.select], st["best_val"]):
+                st["best_val"], st["best_epoch"] = v[task.select], epoch
                 self._save_best()
         else:
             st["best_epoch"] = epoch
@@ -414,15 +459,15 @@ class Trainer:
         self._load_student_state(best)
         res = {
             "best_epoch": self.state["best_epoch"],
-            "best_val_acc": self.state["best_val"],
+            f"best_val_{self.distiller.task.select}": self.state["best_val"],
             "train_seconds": seconds,
             "epochs": self.cfg.epochs,
             "world": self.dist.world,
             "student_params": sum(v.numel() for v in best.values() if v.is_floating_point()),
         }
         if self.test is not None:
-            t = evaluate(student, self.test, self.cfg.eval_batch_size, self.device, self.dist)
-            res.update(test_acc=t["acc"], test_loss=t["loss"])
+            t = self.evaluate(self.test)
+            res.update({f"test_{k}": x for k, x in t.items() if isinstance(x, (float, list))})
         if self.out_dir and self.dist.main:
             if self._fsdp:  # best.safetensors already holds the full, clean student state
                 shutil.copyfile(

@@ -1,0 +1,40 @@
+"""Classification: accuracy and cross-entropy over labelled samples (label -100 = none)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..registry import TASKS
+from .base import Task, valid_targets
+
+
+@TASKS.register("classification", description="accuracy and CE; selects on val accuracy")
+class Classification(Task):
+    name = "classification"
+    select, mode = "acc", "max"
+    train_metrics = ("acc",)
+    columns = (("acc", "accuracy"), ("loss", "CE"))
+
+    def __init__(self, target: str = "y", inputs=None):
+        self.target = target
+        self.inputs = inputs if inputs is not None else ["x"]
+
+    def update(self, sums, logits, batch, keep=None, out=None):
+        y = batch[self.target].to(logits.device)
+        ok = valid_targets(y, keep)
+        z = logits.detach().float()
+        self.add(sums, "correct", ((z.argmax(-1) == y) & ok).sum().float())
+        self.add(sums, "labelled", ok.sum().float())
+        if keep is not None:  # evaluation: CE too (the training loop has its own loss sums)
+            ce = F.cross_entropy(z.reshape(-1, z.shape[-1]), y.reshape(-1).clamp_min(0),
+                                 reduction="none")
+            self.add(sums, "ce", (ce * ok.reshape(-1)).sum())
+
+    def compute(self, sums):
+        n = max(sums.get("labelled", 0.0), 1.0)
+        out = {"acc": sums.get("correct", 0.0) / n}
+        if "ce" in sums:
+            out["loss"] = sums["ce"] / n
+        out["n"] = int(sums.get("labelled", 0.0))
+        return out
