@@ -15,6 +15,9 @@ from .train import TrainConfig, Trainer
 
 def load_splits(cfg: RunConfig) -> dict[str, D.Dataset]:
     d = cfg.data
+    if D.DATASETS.meta(d.name).get("splits"):
+        common = dict(root=d.root, split_seed=d.split_seed, **d.params)
+        return {s: D.load_split(d.name, s, **common) for s in D.SPLITS}
     common = dict(root=d.root, img_size=d.img_size, split_seed=d.split_seed)
     return {
         "train": D.load(d.name, "train", labelled=d.labelled, **common),
@@ -23,14 +26,48 @@ def load_splits(cfg: RunConfig) -> dict[str, D.Dataset]:
     }
 
 
+def task_of(cfg: RunConfig):
+    """The run's task: the config's ``task``, else the data source's."""
+    from . import tasks
+
+    spec = cfg.task if cfg.task is not None else D.DATASETS.meta(cfg.data.name).get("task")
+    return tasks.build(spec)
+
+
+def _zoo_defaults(data: D.Dataset) -> dict:
+    shape = data.input_shape
+    out = {"num_classes": data.num_classes}
+    if len(shape) == 3:  # (C, H, W) images
+        out.update(in_channels=shape[0], img_size=shape[1] if shape[1] == shape[2] else shape[1:])
+    return out
+
+
 def make_model(spec, field: str, data: D.Dataset, *, checkpoint: bool = True):
-    kwargs = {
-        "num_classes": data.num_classes,
-        "in_channels": data.input_shape[0],
-        "img_size": data.input_shape[1],
-        **spec.kwargs(),
-    }
-    model = models.create(spec.model, field=field, **kwargs)
+    kind = spec.kind(field)
+    if kind == "model":
+        defaults = _zoo_defaults(data)
+        factory = models.MODELS.get(spec.model, field)
+        import inspect
+
+        params = inspect.signature(factory).parameters
+        defaults = {k: v for k, v in defaults.items() if k in params}
+        model = models.create(spec.model, field=field, **{**defaults, **spec.kwargs()})
+    else:
+        from .models.hf import create_hf
+
+        if spec.kwargs():
+            k = next(iter(spec.kwargs()))
+            raise ConfigError(f"{field}.{k}", spec.kwargs()[k], "HF models take their options "
+                              "under config: {...} (and head, attn_implementation)")
+        config = dict(spec.config or {})
+        if kind == "hf" and spec.head in ("causal_lm", "masked_lm"):
+            config.setdefault("vocab_size", data.num_classes)
+        elif kind == "hf" and spec.head == "sequence_classification":
+            config.setdefault("num_labels", data.num_classes)
+        model = create_hf(
+            spec.hf, config=config if kind == "hf" else None, hf_path=spec.hf_path,
+            head=spec.head, attn_implementation=spec.attn_implementation, field=field,
+        )
     if checkpoint and spec.checkpoint:
         load_into(model, spec.checkpoint, f"{field}.checkpoint")
     return model
@@ -60,9 +97,34 @@ def make_terms(cfg: RunConfig) -> list[Term]:
     return terms
 
 
-def make_teacher(spec, field: str, train: D.Dataset):
-    """An online teacher (model + checkpoint) or a :class:`TeacherStore` checked against the
-    training split (and against the model's weights when both are given)."""
+def cached_teacher(spec, field: str, base: Path | None):
+    """Train the teacher of ``spec.from_config`` once; later runs reuse it, keyed by the
+    teacher config's hash (``runs/cache/<name>-<hash>``). Returns (model, its config)."""
+    from . import config as C
+
+    path = Path(spec.from_config)
+    if not path.is_absolute() and base is not None and not path.is_file():
+        path = base.parent / path
+    tcfg = C.load(path)
+    out = Path("runs/cache") / f"{tcfg.name}-{tcfg.digest()}"
+    weights = out / "student.safetensors"
+    if not weights.is_file():
+        print(f"training teacher {path} once (cached in {out})")
+        make_trainer(tcfg, out).fit()
+        (out / "config.yaml").write_text(C.dump(tcfg))
+    splits = load_splits(tcfg)
+    model = make_model(tcfg.student, field, splits["train"], checkpoint=False)
+    load_into(model, weights, f"{field}.from_config")
+    return model, tcfg
+
+
+def make_teacher(spec, field: str, train: D.Dataset, base: Path | None = None):
+    """An online teacher (model + checkpoint, or a config trained once and cached), or a
+    :class:`TeacherStore` checked against the training split (and against the model's
+    weights when both are given)."""
+    if spec.from_config:
+        model, tcfg = cached_teacher(spec, field, base)
+        return model, tcfg.student.io()
     if spec.store:
         from .teachers import TeacherStore, weights_hash
 
@@ -71,26 +133,29 @@ def make_teacher(spec, field: str, train: D.Dataset):
         if spec.model and spec.checkpoint:
             model_hash = weights_hash(make_model(spec, field, train))
         store.check(teacher_hash=model_hash, data=train)
-        return store
-    if not spec.model or not spec.checkpoint:
+        return store, spec.io()
+    if not (spec.model or spec.hf or spec.hf_path) or not (spec.checkpoint or spec.hf_path):
         raise ConfigError(
             f"{field}.checkpoint",
             spec.checkpoint,
             "a teacher needs model + checkpoint (a trained .safetensors file; train "
-            "one first with a config that has no teacher) or store",
+            "one first with a config that has no teacher), from_config or store",
         )
-    return make_model(spec, field, train)
+    return make_model(spec, field, train), spec.io()
 
 
 def make_distiller(cfg: RunConfig, splits: dict[str, D.Dataset]) -> Distiller:
     train = splits["train"]
     if cfg.teacher is not None and cfg.teachers:
         raise ConfigError("teachers", sorted(cfg.teachers), "use either teacher or teachers")
-    teacher = None
+    teacher, teacher_io = None, None
+    base = getattr(cfg, "_path", None)
     if cfg.teacher is not None:
-        teacher = make_teacher(cfg.teacher, "teacher", train)
+        teacher, teacher_io = make_teacher(cfg.teacher, "teacher", train, base)
     elif cfg.teachers:
-        teacher = {n: make_teacher(s, f"teachers.{n}", train) for n, s in cfg.teachers.items()}
+        built = {n: make_teacher(s, f"teachers.{n}", train, base) for n, s in cfg.teachers.items()}
+        teacher = {n: m for n, (m, _) in built.items()}
+        teacher_io = {n: io for n, (_, io) in built.items()}
     mixture = None
     if cfg.mixture is not None:
         from .teachers import Mixture
@@ -115,9 +180,35 @@ def make_distiller(cfg: RunConfig, splits: dict[str, D.Dataset]) -> Distiller:
             f"terms {needs_teacher} need a teacher; add a teacher "
             "section or use label-only terms (ce)",
         )
+    _check_vocab(student, teacher, terms)
     return Distiller(
-        student, teacher, terms, num_samples=int(train.idx.max()) + 1, hooks=hooks, mixture=mixture
+        student,
+        teacher,
+        terms,
+        task=task_of(cfg),
+        io=cfg.student.io(),
+        teacher_io=teacher_io or None,
+        num_samples=int(train.idx.max()) + 1,
+        hooks=hooks,
+        mixture=mixture,
+        prepare=cfg.prepare,
     )
+
+
+def _check_vocab(student, teacher, terms) -> None:
+    """Same-tokenizer losses between HF LMs of different vocabularies fail here, clearly."""
+    sv = getattr(getattr(student, "config", None), "vocab_size", None)
+    teachers = teacher if isinstance(teacher, dict) else {"teacher": teacher}
+    for name, t in teachers.items():
+        tv = getattr(getattr(t, "config", None), "vocab_size", None)
+        logit_terms = [x.name for x in terms if [str(p) for p in x.teacher] == ["logits"]]
+        if sv and tv and sv != tv and logit_terms:
+            raise ConfigError(
+                f"terms.{logit_terms[0]}",
+                f"student vocabulary {sv}, {name} vocabulary {tv}",
+                "a same-tokenizer loss needs one vocabulary; for different tokenizers use the "
+                "cross-tokenizer losses (ULD, ALM) of the sequence-KD family",
+            )
 
 
 def train_config(cfg: RunConfig) -> TrainConfig:

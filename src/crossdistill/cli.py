@@ -174,7 +174,7 @@ def _run_config(run_dir: Path):
 
 
 def cmd_eval(args) -> int:
-    from .build import load_splits, make_model
+    from .build import load_splits, make_model, task_of
     from .io import load_into
     from .train import evaluate
 
@@ -183,7 +183,9 @@ def cmd_eval(args) -> int:
     splits = load_splits(cfg)
     model = make_model(cfg.student, "student", splits["train"], checkpoint=False)
     load_into(model, args.weights or run / "student.safetensors", "--weights")
-    res = evaluate(model, splits[args.split], device=cfg.train.device)
+    res = evaluate(
+        model, splits[args.split], device=cfg.train.device, task=task_of(cfg), io=cfg.student.io()
+    )
     print(json.dumps({"split": args.split, **res}))
     return 0
 
@@ -202,7 +204,13 @@ def cmd_export(args) -> int:
     out = Path(args.out) if args.out else run / "export" / "student.safetensors"
     out.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(src, out)
-    spec = {"model": cfg.student.model, **cfg.student.kwargs(), "data": cfg.data.name}
+    if hasattr(model, "save_pretrained"):  # an HF student: also its own format
+        model.save_pretrained(str(out.with_suffix("")) + "_hf", safe_serialization=True)
+        print(f"hugging face model: {str(out.with_suffix(''))}_hf (AutoModel.from_pretrained)")
+    spec = {
+        **cfg.student.model_dump(exclude_none=True, exclude={"checkpoint"}),
+        "data": cfg.data.name,
+    }
     out.with_suffix(".json").write_text(json.dumps(spec, indent=2))
     print(f"student weights: {out}\nmodel spec: {out.with_suffix('.json')}")
     return 0

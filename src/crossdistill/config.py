@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from .errors import ConfigError
 from .registry import DATASETS, LOSSES, METHODS, MODELS, PROJECTORS
@@ -24,29 +24,26 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+IO_KEYS = ("inputs", "logits", "class_dim")
+
+
 class ModelSpec(BaseModel):
-    """A zoo model: ``model`` is its registered name, other keys are its arguments."""
+    """A model: a zoo model (``model`` = its registered name, other keys its arguments), or a
+    Hugging Face model (``hf`` = a model type built from ``config`` with random weights, or
+    ``hf_path`` = a local directory for ``from_pretrained``). ``inputs`` / ``logits`` /
+    ``class_dim`` are its adapter (see :class:`crossdistill.adapters.ModelIO`)."""
 
     model_config = ConfigDict(extra="allow")
-    model: str
-    checkpoint: str | None = None
-
-    @field_validator("model")
-    @classmethod
-    def _known(cls, v):
-        MODELS.get(v, "model")
-        return v
-
-    def kwargs(self) -> dict[str, Any]:
-        return dict(self.model_extra or {})
-
-
-class TeacherSpec(ModelSpec):
-    """A teacher: a zoo model + ``checkpoint`` (run online), or ``store`` (precomputed signals,
-    see ``crossdistill cache-teacher``), or both (the store is then checked against it)."""
-
     model: str | None = None
-    store: str | None = None
+    checkpoint: str | None = None
+    hf: str | None = None
+    hf_path: str | None = None
+    config: dict[str, Any] | None = None
+    head: str = "causal_lm"
+    attn_implementation: str = "sdpa"
+    inputs: str | list[str] | dict[str, str] | None = None
+    logits: int | str | list[int | str] | None = None
+    class_dim: int | None = None
 
     @field_validator("model")
     @classmethod
@@ -54,6 +51,28 @@ class TeacherSpec(ModelSpec):
         if v is not None:
             MODELS.get(v, "model")
         return v
+
+    def kind(self, field: str) -> str:
+        given = [k for k in ("model", "hf", "hf_path") if getattr(self, k)]
+        if len(given) != 1:
+            raise ConfigError(
+                field, given or None, "give exactly one of model (zoo), hf (HF type) or hf_path"
+            )
+        return given[0]
+
+    def kwargs(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+    def io(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in IO_KEYS if getattr(self, k) is not None}
+
+
+class TeacherSpec(ModelSpec):
+    """A teacher: a zoo model + ``checkpoint`` (run online), or ``store`` (precomputed signals,
+    see ``crossdistill cache-teacher``), or both (the store is then checked against it)."""
+
+    store: str | None = None
+    from_config: str | None = None  # a teacher YAML config, trained once and cached by hash
 
 
 class MixtureSpec(_Strict):
@@ -72,6 +91,7 @@ class AugmentSpec(_Strict):
 class DataSpec(_Strict):
     name: str = "digits"
     root: str | None = None
+    params: dict[str, Any] = {}  # the source's own options (sizes, tokenizer, block, ...)
     batch_size: int = Field(64, ge=1)
     img_size: int | None = Field(None, ge=4)
     labelled: int | None = Field(None, ge=1)
@@ -157,6 +177,7 @@ class TrainSpec(_Strict):
 
 
 class RunConfig(_Strict):
+    _path: Path | None = PrivateAttr(None)
     name: str | None = None
     out_dir: str | None = None
     teacher: TeacherSpec | None = None
@@ -165,6 +186,8 @@ class RunConfig(_Strict):
     student: ModelSpec
     data: DataSpec = DataSpec()
     method: MethodSpec | None = None
+    task: str | dict[str, Any] | None = None  # default: the data source's task
+    prepare: list[str | dict[str, Any]] = Field(default_factory=list)
     terms: list[TermSpec] = Field(default_factory=list)
     train: TrainSpec = TrainSpec()
 
@@ -248,6 +271,7 @@ def load(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     cfg = validate(raw)
     if cfg.name is None:
         cfg.name = path.stem
+    cfg._path = path  # noqa: SLF001  (teacher from_config resolves against it)
     return cfg
 
 

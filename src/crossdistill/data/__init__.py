@@ -121,3 +121,64 @@ def load(
         int(y.max()) + 1,
         info,
     )
+
+
+# -- split-level sources: datasets other than image classification ------------------------
+# Each is registered with ``splits=True`` and called as ``fn(split, root=..., split_seed=...,
+# **params)``; its ``task`` meta names the task its batches are for.
+
+
+@DATASETS.register(
+    "shakespeare",
+    description="tiny Shakespeare (embedded), contiguous 90/5/5 split, LM blocks",
+    splits=True,
+    task="lm",
+)
+def _shakespeare(split, root=None, split_seed=0, **params):
+    from .text_source import shakespeare_split
+
+    return shakespeare_split(split, root=root, **params)
+
+
+@DATASETS.register(
+    "canvas",
+    description="64x64 canvases of 1-4 MNIST digits with per-pixel class maps (11 classes)",
+    splits=True,
+    task="segmentation",
+)
+def _canvas(split, root=None, split_seed=0, n=None, **params):
+    from .canvas import canvas_dataset
+
+    sizes = {"train": 2000, "val": 400, "test": 400}
+    return canvas_dataset(split, int(n or sizes[split]) if not isinstance(n, dict) else n[split],
+                          root=root, seed=split_seed, **params)
+
+
+@DATASETS.register(
+    "av",
+    description="MNIST images paired with FSDD recordings of the same digit (speaker split)",
+    splits=True,
+    task="classification",
+)
+def _av(split, root=None, split_seed=0, limit=None, **params):
+    from .av import paired_av
+
+    data = paired_av(split, mnist_root=root, seed=split_seed, **params)
+    n = limit.get(split) if isinstance(limit, dict) else limit
+    if n is not None:  # a stratified subset (toy runs)
+        keep = stratified_split(data.y.numpy(), {"keep": min(int(n), len(data))}, split_seed)
+        data = data.subset(keep["keep"])
+    return data
+
+
+def load_split(name: str, split: str, *, root=None, split_seed: int = 0, **params):
+    """One split of any registered source (classification readers go through ``load``)."""
+    fn = DATASETS.get(name, "data.name")
+    if split not in SPLITS:
+        raise ConfigError("data.split", split, f"allowed: {', '.join(SPLITS)}")
+    if DATASETS.meta(name).get("splits"):
+        try:
+            return fn(split, root=root, split_seed=split_seed, **params)
+        except TypeError as err:
+            raise ConfigError("data.params", params, f"bad options for {name!r} ({err})") from None
+    return load(name, split, root=root, split_seed=split_seed, **params)

@@ -67,18 +67,30 @@ def _mean_curves(runs: dict[str, list[dict]]) -> dict[str, list[dict]]:
     return out
 
 
+def _metric(res: dict) -> str:
+    """The task's selection metric, from the ``best_val_<metric>`` result."""
+    return next((k[len("best_val_"):] for k in res if k.startswith("best_val_")), "acc")
+
+
 def _single(run: Path) -> str:
     parts = []
     curves = _runs_under(run)
-    if curves:
-        parts.append("<h2>Learning curves</h2>" + _img(plots.learning_curves(curves), "curves"))
+    res = {}
     if (run / "results.json").is_file():
         res = json.loads((run / "results.json").read_text())
+    if curves:
+        png = plots.learning_curves(curves, _metric(res))
+        parts.append("<h2>Learning curves</h2>" + _img(png, "curves"))
+    if res:
         parts.append(
             "<h2>Results</h2>"
             + _table(
                 ["metric", "value"],
-                [(k, f"{v:.4f}" if isinstance(v, float) else v) for k, v in res.items()],
+                [
+                    (k, f"{v:.4f}" if isinstance(v, float) else v)
+                    for k, v in res.items()
+                    if not isinstance(v, list)
+                ],
             )
         )
     return "".join(parts)

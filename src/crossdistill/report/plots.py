@@ -18,18 +18,24 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-def learning_curves(runs: dict[str, list[dict]]) -> bytes:
-    """Train loss and validation accuracy per epoch, one line per run (label)."""
+PERCENT = {"acc", "miou", "pixel_acc", "mean_recall"}  # metrics shown as percentages
+
+
+def learning_curves(runs: dict[str, list[dict]], metric: str = "acc") -> bytes:
+    """Train loss and the task's validation metric per epoch, one line per run (label)."""
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    key = f"val_{metric}"
+    scale = 100 if metric in PERCENT else 1
     for label, rows in runs.items():
         ep = [r["epoch"] + 1 for r in rows]
         a.plot(ep, [r["train_loss"] for r in rows], label=label, lw=1.2)
-        if rows and "val_acc" in rows[0]:
-            b.plot(ep, [100 * r["val_acc"] for r in rows], label=label, lw=1.2)
+        if rows and key in rows[0]:
+            b.plot(ep, [scale * r[key] for r in rows], label=label, lw=1.2)
     a.set(
         xlabel="epoch", ylabel="train loss (total, log scale)", title="training loss", yscale="log"
     )
-    b.set(xlabel="epoch", ylabel="val accuracy (%)", title="validation accuracy")
+    unit = " (%)" if scale == 100 else ""
+    b.set(xlabel="epoch", ylabel=f"val {metric}{unit}", title=f"validation {metric}")
     for ax in (a, b):
         ax.grid(alpha=0.3)
     if len(runs) <= 16:

@@ -22,6 +22,7 @@ class Task:
     mode = "min"  # "max" or "min"
     train_metrics: tuple[str, ...] = ()  # metrics also reported on the training batches
     columns: tuple[tuple[str, str], ...] = ()  # (metric, label) shown in reports
+    views: dict[str, list[str]] = {}  # evaluation views: name -> batch keys zeroed
 
     def default_terms(self) -> list:
         from ..distiller import Term

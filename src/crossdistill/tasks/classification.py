@@ -16,9 +16,10 @@ class Classification(Task):
     train_metrics = ("acc",)
     columns = (("acc", "accuracy"), ("loss", "CE"))
 
-    def __init__(self, target: str = "y", inputs=None):
+    def __init__(self, target: str = "y", inputs=None, views: dict | None = None):
         self.target = target
         self.inputs = inputs if inputs is not None else ["x"]
+        self.views = _views(views)
 
     def update(self, sums, logits, batch, keep=None, out=None):
         y = batch[self.target].to(logits.device)
@@ -38,3 +39,19 @@ class Classification(Task):
             out["loss"] = sums["ce"] / n
         out["n"] = int(sums.get("labelled", 0.0))
         return out
+
+
+def _views(views) -> dict[str, list[str]]:
+    """Evaluation views: ``{name: [batch keys to zero]}`` (a missing modality at test time);
+    each view's metrics are reported as ``<name>_<metric>`` beside the full-input ones."""
+    from ..errors import ConfigError
+
+    out = {}
+    for name, zero in (views or {}).items():
+        keys = zero.get("zero") if isinstance(zero, dict) else zero
+        if isinstance(keys, str):
+            keys = [keys]
+        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+            raise ConfigError(f"task.views.{name}", zero, "a list of batch keys to zero")
+        out[str(name)] = keys
+    return out

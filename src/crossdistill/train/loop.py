@@ -55,14 +55,22 @@ def evaluate(
     io = ModelIO.parse(io, "student").with_defaults(task.inputs, task.class_dim)
     was = model.training
     model.eval()
-    sums: dict = {}
+    views = {"": [], **task.views}
+    sums: dict = {v: {} for v in views}
     for batch, keep in eval_batches(data, batch_size, d.rank, d.world):
         batch = {k: v.to(device) for k, v in batch.items()}
-        out = io.call(model, batch)
-        task.update(sums, io.logits(out), batch, keep=keep if keep is not None else
-                    torch.ones(len(next(iter(batch.values()))), dtype=torch.bool), out=out)
+        if keep is None:
+            keep = torch.ones(len(next(iter(batch.values()))), dtype=torch.bool)
+        for view, zero in views.items():
+            b = {k: torch.zeros_like(v) if k in zero else v for k, v in batch.items()}
+            out = io.call(model, b)
+            task.update(sums[view], io.logits(out), b, keep=keep, out=out)
     model.train(was)
-    return task.compute(D.all_reduce_sums(sums, d))
+    res = task.compute(D.all_reduce_sums(sums[""], d))
+    for view in task.views:
+        m = task.compute(D.all_reduce_sums(sums[view], d))
+        res.update({f"{view}_{k}": v for k, v in m.items() if k != "n"})
+    return res
 
 
 class Trainer:
