@@ -205,7 +205,9 @@ def cmd_export(args) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(src, out)
     if hasattr(model, "save_pretrained"):  # an HF student: also its own format
-        model.save_pretrained(str(out.with_suffix("")) + "_hf", safe_serialization=True)
+        from .models.hf import export_hf
+
+        export_hf(model, str(out.with_suffix("")) + "_hf")
         print(f"hugging face model: {str(out.with_suffix(''))}_hf (AutoModel.from_pretrained)")
     spec = {
         **cfg.student.model_dump(exclude_none=True, exclude={"checkpoint"}),

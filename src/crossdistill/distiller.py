@@ -578,10 +578,9 @@ class Distiller(nn.Module):
 
             save_weights(student.state_dict(), path)
             if hasattr(student, "save_pretrained"):  # a Hugging Face student: also its own format
-                student.save_pretrained(
-                    str(os.fspath(path)).removesuffix(".safetensors") + "_hf",
-                    safe_serialization=True,
-                )
+                from .models.hf import export_hf
+
+                export_hf(student, str(os.fspath(path)).removesuffix(".safetensors") + "_hf")
         return student
 
     def extra_repr(self) -> str:
