@@ -62,6 +62,10 @@ def make_model(spec, field: str, data: D.Dataset, *, checkpoint: bool = True):
         config = dict(spec.config or {})
         if kind == "hf" and spec.head in ("causal_lm", "masked_lm"):
             config.setdefault("vocab_size", data.num_classes)
+            tok = getattr(data, "tokenizer", None)  # special ids inside our vocabulary
+            for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+                if tok is not None and getattr(tok, key, None) is not None:
+                    config.setdefault(key, getattr(tok, key))
         elif kind == "hf" and spec.head == "sequence_classification":
             config.setdefault("num_labels", data.num_classes)
         model = create_hf(
