@@ -86,6 +86,11 @@ class Term:
         self.name = name or loss
         self.label_only = label_only
         self._check_params()
+        # losses that need a label per position (ce, dkd) average over the labelled ones
+        y_param = None if self.stateful else inspect.signature(self.fn).parameters.get("y")
+        self.needs_labels = label_only or (
+            y_param is not None and y_param.default is inspect.Parameter.empty
+        )
 
     def _check_params(self) -> None:
         sig = inspect.signature(self.fn.__init__ if self.stateful else self.fn)
@@ -107,11 +112,12 @@ class Term:
 
     def reduce(self, value: torch.Tensor, ctx: Context) -> torch.Tensor:
         """Per-position values -> the term's scalar: the mean over the context's mask, and for
-        label losses (``ce``) over the positions that have a label. Scalars pass through."""
+        losses that need a label per position (``ce``, ``dkd``) over the positions that have
+        one. Scalars pass through."""
         if value.dim() == 0:
             return value
         valid = ctx.mask
-        if self.label_only and ctx.y is not None and ctx.y.shape == value.shape:
+        if self.needs_labels and ctx.y is not None and ctx.y.shape == value.shape:
             labelled = ctx.y != -100
             valid = labelled if valid is None else valid & labelled
         return masked_mean(value, valid, f"terms.{self.name}")

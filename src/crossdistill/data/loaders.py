@@ -13,6 +13,7 @@ resumed run continues exactly where it stopped.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -64,7 +65,10 @@ class MapBatches:
                   for b in range(start, len(self))]
         loader = DataLoader(self.data, batch_sampler=chunks, collate_fn=collate_dicts,
                             num_workers=self.num_workers)
-        for b, (ids, batch) in enumerate(zip(chunks, loader), start=start):
+        with torch.random.fork_rng(devices=[]):  # the iterator draws its base seed here:
+            torch.manual_seed(self.seed * 100_003 + epoch)  # not from the training RNG
+            it = iter(loader)
+        for b, (ids, batch) in enumerate(zip(chunks, it), start=start):
             batch.setdefault("idx", torch.as_tensor(ids))
             if self.augmenting:
                 kinds = {k: self.kinds.get(k) or guess_kind(k, v) for k, v in batch.items()}
@@ -89,10 +93,14 @@ class LoaderBatches:
         for s in (getattr(self.loader, "sampler", None), getattr(sampler, "sampler", None)):
             if hasattr(s, "set_epoch"):
                 s.set_epoch(epoch)
+        done = object()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed * 100_003 + epoch)
-            it = iter(self.loader)  # samplers and workers draw their seeds here
-        for b, batch in enumerate(it):
+            it = iter(self.loader)  # workers draw their base seed here, samplers (lazily,
+            first = next(it, done)  # e.g. RandomSampler) on the first batch: both seeded
+        if first is done:
+            return
+        for b, batch in enumerate(itertools.chain([first], it)):
             if b >= start:
                 yield _as_batch(batch)
 
