@@ -84,7 +84,9 @@ def test_registry_weights_follow_papers():
 
 def test_ce_golden():
     logp = np.log(np_softmax(S))
-    assert ce(tt(S), None, y=torch.tensor(Y)).mean().item() == pytest.approx(-logp[[0, 1], Y].mean())
+    assert ce(tt(S), None, y=torch.tensor(Y)).mean().item() == pytest.approx(
+        -logp[[0, 1], Y].mean()
+    )
     eps = 0.1
     q = np.full_like(S, eps / 3)
     q[[0, 1], Y] += 1 - eps

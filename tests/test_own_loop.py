@@ -58,8 +58,14 @@ def test_trainer_public_steps_and_callbacks(digits):
         def on_step_end(self, trainer, out):
             seen.append(trainer.state["step"])
 
-    tr = Trainer(Distiller(s, t, [Term("ce"), Term("kd")]), digits["train"], epochs=1,
-                 batch_size=50, progress=False, callbacks=[Steps()])
+    tr = Trainer(
+        Distiller(s, t, [Term("ce"), Term("kd")]),
+        digits["train"],
+        epochs=1,
+        batch_size=50,
+        progress=False,
+        callbacks=[Steps()],
+    )
     tr.setup()
     row = tr.train_epoch(0)
     assert seen == [1, 2, 3, 4] and row["train_loss"] > 0

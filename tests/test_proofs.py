@@ -45,16 +45,25 @@ def test_segmentation_proof(tmp_path, monkeypatch, one_thread):
         "params": {"n": {"train": 48, "val": 16, "test": 16}, "size": 32, "max_digits": 2},
         "augment": {"shift": 2},
     }
-    _write(tmp_path / "teacher.yaml", {"student": {"model": "seg-cnn", "width": 8},
-                                        "data": data, "train": FAST})
-    res, out = _train(tmp_path, "seg_kd", {
-        "teacher": {"from_config": "teacher.yaml"},
-        "student": {"model": "seg-cnn", "width": 4},
-        "data": data,
-        "terms": [{"loss": "ce"}, {"loss": "kd", "temperature": 2.0, "weight": 1.0},
-                  {"loss": "mse", "student": "dec2", "teacher": "dec2", "projector": "auto"}],
-        "train": FAST,
-    })
+    _write(
+        tmp_path / "teacher.yaml",
+        {"student": {"model": "seg-cnn", "width": 8}, "data": data, "train": FAST},
+    )
+    res, out = _train(
+        tmp_path,
+        "seg_kd",
+        {
+            "teacher": {"from_config": "teacher.yaml"},
+            "student": {"model": "seg-cnn", "width": 4},
+            "data": data,
+            "terms": [
+                {"loss": "ce"},
+                {"loss": "kd", "temperature": 2.0, "weight": 1.0},
+                {"loss": "mse", "student": "dec2", "teacher": "dec2", "projector": "auto"},
+            ],
+            "train": FAST,
+        },
+    )
     assert 0.0 <= res["test_miou"] <= 1.0 and "test_pixel_acc" in res
     assert "best_val_miou" in res and list(Path("runs/cache").iterdir())  # teacher cached
 
@@ -63,32 +72,56 @@ def test_segmentation_proof(tmp_path, monkeypatch, one_thread):
 @needs_fsdd
 def test_audio_visual_proof(tmp_path, monkeypatch, one_thread):
     monkeypatch.chdir(tmp_path)
-    data = {"name": "av", "root": str(SHARED / "mnist-t10k"), "batch_size": 32,
-            "params": {"fsdd_root": str(SHARED / "fsdd"),
-                       "limit": {"train": 200, "val": 60, "test": 60}}}
-    _write(tmp_path / "audio.yaml", {
-        "student": {"model": "audio-cnn", "img_size": [40, 48], "channels": [8, 16, 16],
-                    "inputs": ["audio"]},
-        "data": data, "train": FAST,
-    })
-    res, _ = _train(tmp_path, "av_kd", {
-        "teacher": {"from_config": "audio.yaml"},
-        "student": {"model": "cnn", "channels": [8, 16, 16], "inputs": ["image"]},
-        "data": data,
-        "terms": [{"loss": "ce"}, {"loss": "kd"}],
-        "train": FAST,
-    })
+    data = {
+        "name": "av",
+        "root": str(SHARED / "mnist-t10k"),
+        "batch_size": 32,
+        "params": {
+            "fsdd_root": str(SHARED / "fsdd"),
+            "limit": {"train": 200, "val": 60, "test": 60},
+        },
+    }
+    _write(
+        tmp_path / "audio.yaml",
+        {
+            "student": {
+                "model": "audio-cnn",
+                "img_size": [40, 48],
+                "channels": [8, 16, 16],
+                "inputs": ["audio"],
+            },
+            "data": data,
+            "train": FAST,
+        },
+    )
+    res, _ = _train(
+        tmp_path,
+        "av_kd",
+        {
+            "teacher": {"from_config": "audio.yaml"},
+            "student": {"model": "cnn", "channels": [8, 16, 16], "inputs": ["image"]},
+            "data": data,
+            "terms": [{"loss": "ce"}, {"loss": "kd"}],
+            "train": FAST,
+        },
+    )
     assert 0.0 <= res["test_acc"] <= 1.0
-    res, _ = _train(tmp_path, "av_fusion", {
-        "teacher": {"from_config": "audio.yaml"},
-        "student": {"model": "fusion", "width": 4, "dim": 16, "inputs": ["image", "audio"]},
-        "data": data,
-        "task": {"name": "classification", "views": {"image_only": ["audio"],
-                                                       "audio_only": ["image"]}},
-        "prepare": [{"name": "modality_dropout", "keys": ["image", "audio"], "rate": 0.3}],
-        "terms": [{"loss": "ce"}, {"loss": "kd", "weight": 0.5}],
-        "train": FAST,
-    })
+    res, _ = _train(
+        tmp_path,
+        "av_fusion",
+        {
+            "teacher": {"from_config": "audio.yaml"},
+            "student": {"model": "fusion", "width": 4, "dim": 16, "inputs": ["image", "audio"]},
+            "data": data,
+            "task": {
+                "name": "classification",
+                "views": {"image_only": ["audio"], "audio_only": ["image"]},
+            },
+            "prepare": [{"name": "modality_dropout", "keys": ["image", "audio"], "rate": 0.3}],
+            "terms": [{"loss": "ce"}, {"loss": "kd", "weight": 0.5}],
+            "train": FAST,
+        },
+    )
     assert {"test_acc", "test_image_only_acc", "test_audio_only_acc"} <= set(res)
 
 
@@ -96,24 +129,46 @@ def test_lm_proof(tmp_path, monkeypatch, one_thread):
     pytest.importorskip("transformers")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.chdir(tmp_path)
-    data = {"name": "shakespeare", "batch_size": 16,
-            "params": {"tokenizer": "bpe", "vocab_size": 300, "block": 32, "max_chars": 20000}}
+    data = {
+        "name": "shakespeare",
+        "batch_size": 16,
+        "params": {"tokenizer": "bpe", "vocab_size": 300, "block": 32, "max_chars": 20000},
+    }
     model = {"hf": "gpt2", "inputs": {"input_ids": "input_ids"}}
-    _write(tmp_path / "teacher.yaml", {
-        "student": {**model, "config": {"n_layer": 2, "n_embd": 32, "n_head": 2,
-                                        "n_positions": 32}},
-        "data": data, "train": FAST,
-    })
-    res, out = _train(tmp_path, "lm_kd", {
-        "teacher": {"from_config": "teacher.yaml"},
-        "student": {**model, "config": {"n_layer": 1, "n_embd": 16, "n_head": 2,
-                                        "n_positions": 32}},
-        "data": data,
-        "terms": [{"loss": "ce"}, {"loss": "kd", "temperature": 1.0, "weight": 1.0},
-                  {"loss": "mse", "student": "output.hidden_states[-1]",
-                   "teacher": "output.hidden_states[-1]", "projector": "auto"}],
-        "train": FAST,
-    })
+    _write(
+        tmp_path / "teacher.yaml",
+        {
+            "student": {
+                **model,
+                "config": {"n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 32},
+            },
+            "data": data,
+            "train": FAST,
+        },
+    )
+    res, out = _train(
+        tmp_path,
+        "lm_kd",
+        {
+            "teacher": {"from_config": "teacher.yaml"},
+            "student": {
+                **model,
+                "config": {"n_layer": 1, "n_embd": 16, "n_head": 2, "n_positions": 32},
+            },
+            "data": data,
+            "terms": [
+                {"loss": "ce"},
+                {"loss": "kd", "temperature": 1.0, "weight": 1.0},
+                {
+                    "loss": "mse",
+                    "student": "output.hidden_states[-1]",
+                    "teacher": "output.hidden_states[-1]",
+                    "projector": "auto",
+                },
+            ],
+            "train": FAST,
+        },
+    )
     assert res["test_bpb"] > 0 and res["test_ppl"] > 1 and "best_val_bpb" in res
     from transformers import AutoModelForCausalLM
 

@@ -9,7 +9,6 @@ from crossdistill import Distiller, Term, Trainer
 from crossdistill.errors import ConfigError
 
 
-
 class Kill(Exception):
     pass
 
@@ -56,8 +55,9 @@ def _make(seed=0):
     return Distiller(s, t, terms, num_samples=2000, hooks=[PruneAt(4)])
 
 
-SETTINGS = dict(epochs=2, batch_size=32, optimizer="sgd", lr=0.05, checkpoint_every=2,
-                progress=False)
+SETTINGS = dict(
+    epochs=2, batch_size=32, optimizer="sgd", lr=0.05, checkpoint_every=2, progress=False
+)
 
 
 def test_prune_event_rebuilds_and_exports_clean(digits):
@@ -77,8 +77,14 @@ def test_kill_after_structure_event_resumes_bit_identical(tmp_path, digits):
     Trainer(ref, digits["train"], digits["val"], out_dir=tmp_path / "a", **SETTINGS).fit()
     d = _make()
     with pytest.raises(Kill):  # 200 / 32 = 7 batches per epoch: die in epoch 2, after step 4
-        Trainer(d, digits["train"], digits["val"], out_dir=tmp_path / "b",
-                callbacks=[KillAfter(10)], **SETTINGS).fit()
+        Trainer(
+            d,
+            digits["train"],
+            digits["val"],
+            out_dir=tmp_path / "b",
+            callbacks=[KillAfter(10)],
+            **SETTINGS,
+        ).fit()
     d2 = _make(seed=99)  # a fresh, unpruned student
     Trainer(d2, digits["train"], digits["val"], out_dir=tmp_path / "b", **SETTINGS).fit(resume=True)
     assert d2.student.stage2[0].out_channels == 10

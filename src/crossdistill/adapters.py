@@ -190,4 +190,6 @@ class ModelIO:
         raise ConfigError(field, spec, "a ModelIO or a dict with inputs / logits / class_dim")
 
     def __repr__(self) -> str:
-        return f"ModelIO(inputs={self.inputs}, logits={self.logits_sel}, class_dim={self.class_dim})"
+        return (
+            f"ModelIO(inputs={self.inputs}, logits={self.logits_sel}, class_dim={self.class_dim})"
+        )

@@ -57,8 +57,11 @@ def make_model(spec, field: str, data: D.Dataset, *, checkpoint: bool = True):
 
         if spec.kwargs():
             k = next(iter(spec.kwargs()))
-            raise ConfigError(f"{field}.{k}", spec.kwargs()[k], "HF models take their options "
-                              "under config: {...} (and head, attn_implementation)")
+            raise ConfigError(
+                f"{field}.{k}",
+                spec.kwargs()[k],
+                "HF models take their options under config: {...} (and head, attn_implementation)",
+            )
         config = dict(spec.config or {})
         if kind == "hf" and spec.head in ("causal_lm", "masked_lm"):
             config.setdefault("vocab_size", data.num_classes)
@@ -69,8 +72,12 @@ def make_model(spec, field: str, data: D.Dataset, *, checkpoint: bool = True):
         elif kind == "hf" and spec.head == "sequence_classification":
             config.setdefault("num_labels", data.num_classes)
         model = create_hf(
-            spec.hf, config=config if kind == "hf" else None, hf_path=spec.hf_path,
-            head=spec.head, attn_implementation=spec.attn_implementation, field=field,
+            spec.hf,
+            config=config if kind == "hf" else None,
+            hf_path=spec.hf_path,
+            head=spec.head,
+            attn_implementation=spec.attn_implementation,
+            field=field,
         )
     if checkpoint and spec.checkpoint:
         load_into(model, spec.checkpoint, f"{field}.checkpoint")

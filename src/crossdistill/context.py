@@ -24,7 +24,9 @@ class Context:
     batch: Mapping | None = None
 
 
-def masked_mean(value: torch.Tensor, mask: torch.Tensor | None, field: str = "term") -> torch.Tensor:
+def masked_mean(
+    value: torch.Tensor, mask: torch.Tensor | None, field: str = "term"
+) -> torch.Tensor:
     """Mean of per-position ``value`` over ``mask`` (True = counts); 0 when nothing counts.
 
     A mask with more dims than the value (per-token mask, per-sample loss) keeps a sample

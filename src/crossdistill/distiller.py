@@ -186,7 +186,9 @@ class Distiller(nn.Module):
         if not terms:
             terms = self.task.default_terms()
         if not terms:
-            raise ConfigError("terms", [], f"task {self.task.name!r} has no default terms: give some")
+            raise ConfigError(
+                "terms", [], f"task {self.task.name!r} has no default terms: give some"
+            )
         self.student = student
         teachers = (
             {}
@@ -361,7 +363,7 @@ class Distiller(nn.Module):
         cap.clear()
         cap.active = True
         try:
-            out = io.call(model, batch, **_output_flags(out_taps))
+            out = io.call(model, batch, **_output_flags(model, out_taps))
         finally:
             cap.active = False
         vals = {k: cap.get(k) for k in cap.taps}
@@ -370,7 +372,9 @@ class Distiller(nn.Module):
             v = select(out, tap.select, f"{io.field} tap {key!r}")
             if not torch.is_tensor(v):
                 raise ConfigError(
-                    f"{io.field} tap", key, f"selects a {type(v).__name__}, not a tensor "
+                    f"{io.field} tap",
+                    key,
+                    f"selects a {type(v).__name__}, not a tensor "
                     "(HF: attentions need attn_implementation: eager)",
                 )
             vals[key] = v
@@ -410,7 +414,9 @@ class Distiller(nn.Module):
     def context(self, batch) -> Context:
         """What losses may read besides the two taps: targets, the position mask, sample ids."""
         return Context(
-            y=self.task.targets(batch), mask=self.task.loss_mask(batch), idx=batch.get("idx"),
+            y=self.task.targets(batch),
+            mask=self.task.loss_mask(batch),
+            idx=batch.get("idx"),
             batch=batch,
         )
 
@@ -627,13 +633,20 @@ def _output_taps(terms, side: str) -> dict[str, Tap]:
     return {str(tap): tap for t in terms for tap in getattr(t, side) if tap.path == OUTPUT}
 
 
-def _output_flags(out_taps: Mapping[str, Tap]) -> dict:
-    """Ask a Hugging Face model for hidden states / attentions when a tap selects them."""
+def _output_flags(model: nn.Module, out_taps: Mapping[str, Tap]) -> dict:
+    """Ask a model for hidden states / attentions when a tap selects them, if its forward
+    takes the Hugging Face flag (other models return such fields themselves or not at all)."""
     flags = {}
     for tap in out_taps.values():
         first = str(tap.select).split(".")[0]
-        if first == "hidden_states":
-            flags["output_hidden_states"] = True
-        elif first == "attentions":
-            flags["output_attentions"] = True
+        flag = {"hidden_states": "output_hidden_states", "attentions": "output_attentions"}.get(
+            first
+        )
+        if flag and _takes(model, flag):
+            flags[flag] = True
     return flags
+
+
+def _takes(model: nn.Module, arg: str) -> bool:
+    params = inspect.signature(model.forward).parameters
+    return arg in params or any(p.kind is p.VAR_KEYWORD for p in params.values())

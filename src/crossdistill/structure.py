@@ -15,7 +15,7 @@ from torch import nn
 
 from .errors import ConfigError
 from .registry import STRUCTURE_OPS
-from .taps import resolve, Tap
+from .taps import Tap, resolve
 
 
 def apply(model: nn.Module, op: str, args: Mapping) -> None:
@@ -35,8 +35,16 @@ def _set(model: nn.Module, path: str, new: nn.Module) -> None:
 
 def _slice_out(m: nn.Module, keep: torch.Tensor) -> nn.Module:
     if isinstance(m, nn.Conv2d):
-        new = nn.Conv2d(m.in_channels, len(keep), m.kernel_size, m.stride, m.padding,
-                        m.dilation, 1, m.bias is not None)
+        new = nn.Conv2d(
+            m.in_channels,
+            len(keep),
+            m.kernel_size,
+            m.stride,
+            m.padding,
+            m.dilation,
+            1,
+            m.bias is not None,
+        )
     elif isinstance(m, nn.Linear):
         new = nn.Linear(m.in_features, len(keep), m.bias is not None)
     elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
@@ -59,8 +67,16 @@ def _slice_in(m: nn.Module, keep: torch.Tensor) -> nn.Module:
     if isinstance(m, nn.Conv2d):
         if m.groups != 1:
             raise ConfigError("structure.next", "grouped conv", "followers must have groups=1")
-        new = nn.Conv2d(len(keep), m.out_channels, m.kernel_size, m.stride, m.padding,
-                        m.dilation, 1, m.bias is not None)
+        new = nn.Conv2d(
+            len(keep),
+            m.out_channels,
+            m.kernel_size,
+            m.stride,
+            m.padding,
+            m.dilation,
+            1,
+            m.bias is not None,
+        )
     elif isinstance(m, nn.Linear):
         new = nn.Linear(len(keep), m.out_features, m.bias is not None)
     else:
@@ -97,4 +113,6 @@ def drop_layers(model, *, path: str, keep: list[int]):
     if not keep or any(not 0 <= int(k) < len(seq) for k in keep):
         raise ConfigError("structure.keep", keep, f"block indices in 0..{len(seq) - 1}")
     blocks = [seq[int(k)] for k in keep]
-    _set(model, path, type(seq)(*blocks) if isinstance(seq, nn.Sequential) else nn.ModuleList(blocks))
+    _set(
+        model, path, type(seq)(*blocks) if isinstance(seq, nn.Sequential) else nn.ModuleList(blocks)
+    )

@@ -53,7 +53,9 @@ class Tap:
         if path == OUTPUT or path.startswith(OUTPUT + "."):  # the return value, not a hook
             steps = [p for p in path.split(".")[1:]] + ([] if select is None else [str(select)])
             if not steps:
-                raise ConfigError("tap", spec, "select from the output, e.g. output.hidden_states[-1]")
+                raise ConfigError(
+                    "tap", spec, "select from the output, e.g. output.hidden_states[-1]"
+                )
             return cls(OUTPUT, "output", ".".join(steps))
         return cls(path, kind, select)
 

@@ -9,7 +9,8 @@
   official 60k train set is split 55,000 / 5,000 into train / val and the 10k set is test.
 
 Inputs are normalised with the train split's mean and std. ``labelled=k`` keeps labels on a
-stratified ``k`` training samples and sets the rest to -100 (``IGNORE_INDEX``) (unlabelled, for KD with few labels).
+stratified ``k`` training samples and sets the rest to -100 (``IGNORE_INDEX``: unlabelled,
+for KD with few labels).
 """
 
 from __future__ import annotations
@@ -26,7 +27,16 @@ from .splits import stratified_split
 
 SPLITS = ("train", "val", "test")
 
-__all__ = ["IGNORE_INDEX", "KINDS", "Batches", "Dataset", "load", "names", "stratified_split", "SPLITS"]
+__all__ = [
+    "IGNORE_INDEX",
+    "KINDS",
+    "Batches",
+    "Dataset",
+    "load",
+    "names",
+    "stratified_split",
+    "SPLITS",
+]
 
 
 @DATASETS.register(
@@ -150,8 +160,13 @@ def _canvas(split, root=None, split_seed=0, n=None, **params):
     from .canvas import canvas_dataset
 
     sizes = {"train": 2000, "val": 400, "test": 400}
-    return canvas_dataset(split, int(n or sizes[split]) if not isinstance(n, dict) else n[split],
-                          root=root, seed=split_seed, **params)
+    return canvas_dataset(
+        split,
+        int(n or sizes[split]) if not isinstance(n, dict) else n[split],
+        root=root,
+        seed=split_seed,
+        **params,
+    )
 
 
 @DATASETS.register(

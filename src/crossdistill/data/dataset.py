@@ -33,7 +33,11 @@ def guess_kind(key: str, t: torch.Tensor) -> str:
         return "id"
     if key in ("y", "label", "labels") and t.dim() == 1:
         return "label"
-    if key in ("y", "label", "labels", "mask", "seg") and t.dim() == 3 and not t.is_floating_point():
+    if (
+        key in ("y", "label", "labels", "mask", "seg")
+        and t.dim() == 3
+        and not t.is_floating_point()
+    ):
         return "label_map"
     if "mask" in key:
         return "mask"
@@ -74,7 +78,9 @@ class Dataset:
         kinds = dict(kinds or {})
         for k, kind in kinds.items():
             if k not in tensors:
-                raise ConfigError(f"data.kinds.{k}", kind, f"no such key; keys: {', '.join(tensors)}")
+                raise ConfigError(
+                    f"data.kinds.{k}", kind, f"no such key; keys: {', '.join(tensors)}"
+                )
             if kind not in KINDS:
                 raise ConfigError(f"data.kinds.{k}", kind, f"allowed: {', '.join(KINDS)}")
         self.tensors = tensors
@@ -87,8 +93,14 @@ class Dataset:
     def classification(cls, x, y, idx=None, name="data", split="train", num_classes=10, info=None):
         """The image-classification layout: ``{"x": images, "y": labels, "idx": ids}``."""
         t = {"x": x, "y": y} if idx is None else {"x": x, "y": y, "idx": idx}
-        return cls(t, {"x": "image", "y": "label"}, name=name, split=split,
-                   num_classes=num_classes, info=info)
+        return cls(
+            t,
+            {"x": "image", "y": "label"},
+            name=name,
+            split=split,
+            num_classes=num_classes,
+            info=info,
+        )
 
     def _check_spatial(self) -> None:
         images = [k for k, kd in self.kinds.items() if kd == "image"]
@@ -133,8 +145,12 @@ class Dataset:
     @property
     def input_shape(self) -> tuple[int, ...]:
         """Per-sample shape of ``x`` (or of the first image key)."""
-        key = "x" if "x" in self.tensors else next(
-            (k for k, kd in self.kinds.items() if kd == "image"), next(iter(self.tensors))
+        key = (
+            "x"
+            if "x" in self.tensors
+            else next(
+                (k for k, kd in self.kinds.items() if kd == "image"), next(iter(self.tensors))
+            )
         )
         return tuple(self.tensors[key].shape[1:])
 
@@ -162,13 +178,17 @@ class Dataset:
         import hashlib
 
         h = hashlib.sha256()
-        order = ["idx", "y", "x"] if set(self.tensors) == {"idx", "y", "x"} else sorted(self.tensors)
+        order = (
+            ["idx", "y", "x"] if set(self.tensors) == {"idx", "y", "x"} else sorted(self.tensors)
+        )
         for k in order:
             h.update(self.tensors[k].contiguous().numpy().tobytes())
         return h.hexdigest()[:16]
 
     def __repr__(self) -> str:
-        keys = ", ".join(f"{k}: {self.kinds[k]} {tuple(v.shape[1:])}" for k, v in self.tensors.items())
+        keys = ", ".join(
+            f"{k}: {self.kinds[k]} {tuple(v.shape[1:])}" for k, v in self.tensors.items()
+        )
         return f"Dataset({self.name}/{self.split}, n={len(self)}, {keys})"
 
 

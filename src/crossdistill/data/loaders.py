@@ -44,8 +44,20 @@ def collate_dicts(samples: list) -> dict:
 class MapBatches:
     """Seeded batches over a map-style dataset with dict items (see the module docstring)."""
 
-    def __init__(self, data, batch_size, *, shuffle=True, seed=0, drop_last=False, shift=0,
-                 flip=False, rank=0, world=1, num_workers=0):
+    def __init__(
+        self,
+        data,
+        batch_size,
+        *,
+        shuffle=True,
+        seed=0,
+        drop_last=False,
+        shift=0,
+        flip=False,
+        rank=0,
+        world=1,
+        num_workers=0,
+    ):
         self.data, self.batch_size, self.shuffle, self.seed = data, batch_size, shuffle, seed
         self.drop_last, self.shift, self.flip = drop_last, shift, flip
         self.rank, self.world, self.num_workers = rank, world, num_workers
@@ -61,10 +73,13 @@ class MapBatches:
 
     def epoch(self, epoch: int = 0, start: int = 0):
         order = epoch_order(len(self.data), epoch, self.seed, self.shuffle, self.rank, self.world)
-        chunks = [order[b * self.batch_size : (b + 1) * self.batch_size].tolist()
-                  for b in range(start, len(self))]
-        loader = DataLoader(self.data, batch_sampler=chunks, collate_fn=collate_dicts,
-                            num_workers=self.num_workers)
+        chunks = [
+            order[b * self.batch_size : (b + 1) * self.batch_size].tolist()
+            for b in range(start, len(self))
+        ]
+        loader = DataLoader(
+            self.data, batch_sampler=chunks, collate_fn=collate_dicts, num_workers=self.num_workers
+        )
         with torch.random.fork_rng(devices=[]):  # the iterator draws its base seed here:
             torch.manual_seed(self.seed * 100_003 + epoch)  # not from the training RNG
             it = iter(loader)
@@ -117,7 +132,8 @@ def make_batches(data, batch_size: int, **kw):
     if hasattr(data, "__getitem__") and hasattr(data, "__len__"):
         return MapBatches(data, batch_size, **kw)
     raise ConfigError(
-        "data", type(data).__name__,
+        "data",
+        type(data).__name__,
         "a crossdistill Dataset, a map-style torch Dataset / HF datasets.Dataset, or a DataLoader",
     )
 

@@ -26,8 +26,10 @@ def tokenizer_for(train_text: str, kind: str, vocab_size: int, cache_dir: str | 
     path = Path(cache_dir) / f"{kind}-{vocab_size}-{key}"
     if (path / "tokenizer.json").is_file():
         return load_tokenizer(path), path
-    tok = train_bpe(train_text, vocab_size, out_dir=path) if kind == "bpe" else train_char(
-        train_text, out_dir=path
+    tok = (
+        train_bpe(train_text, vocab_size, out_dir=path)
+        if kind == "bpe"
+        else train_char(train_text, out_dir=path)
     )
     return tok, path
 

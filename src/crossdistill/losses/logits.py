@@ -4,8 +4,9 @@ All functions take student logits ``s`` and teacher logits ``t`` of shape (..., 
 on the last dimension, any leading dims (samples, tokens, pixels). ``ce``, ``kd``, ``rkl``
 and ``dkd`` return one value per position, shape (...); the :class:`~crossdistill.Term`
 averages them over the context's mask (labelled positions for ``ce``). ``dist`` compares
-relations across the batch, so it returns a scalar over the valid rows (``mask``). Softmaxes run in at least float32 (half inputs are upcast),
-because a bf16 softmax at temperature 4 loses most of the "dark knowledge" in the tail.
+relations across the batch, so it returns a scalar over the valid rows (``mask``).
+Softmaxes run in at least float32 (half inputs are upcast), because a bf16 softmax at
+temperature 4 loses most of the "dark knowledge" in the tail.
 The teacher is always detached. None of these multiplies its own term weight; the weight a
 paper recommends is registered as ``default_weight``.
 """
@@ -99,8 +100,8 @@ def kd(s: Tensor, t: Tensor, *, temperature: float = 4.0) -> Tensor:
     gradient scale independent of ``T`` (the paper's argument), so the term weight need not be
     re-tuned when ``T`` changes.
 
-    Shapes: ``s``, ``t`` (..., K) logits -> (...). Default T=4; recommended term weight 0.9 (with CE at 0.1,
-    the CIFAR-100 setting of the CRD benchmark).
+    Shapes: ``s``, ``t`` (..., K) logits -> (...). Default T=4; recommended term weight 0.9
+    (with CE at 0.1, the CIFAR-100 setting of the CRD benchmark).
     """
     _check_temperature("kd", temperature)
     _check_logits("kd", s, t)
@@ -176,9 +177,10 @@ def dkd(
     ``TCKD + (1 - p_y^t) NCKD`` (Eq. 1 of the paper).
 
     Shapes: ``s``, ``t`` (..., K) logits, ``y`` (...) labels; positions with ``y = -100``
-    return 0 and the Term leaves them out of the mean (DKD needs a target class). Defaults alpha=1, beta=8, T=4
-    (CIFAR-100). Term weight 1.0; the paper ramps the DKD term linearly over the first 20
-    epochs -- that warm-up is a term-weight schedule, configured outside this function.
+    return 0 and the Term leaves them out of the mean (DKD needs a target class).
+    Defaults alpha=1, beta=8, T=4 (CIFAR-100). Term weight 1.0; the paper ramps the DKD
+    term linearly over the first 20 epochs -- that warm-up is a term-weight schedule,
+    configured outside this function.
     """
     _check_temperature("dkd", temperature)
     _check_logits("dkd", s, t)

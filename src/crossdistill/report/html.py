@@ -69,7 +69,7 @@ def _mean_curves(runs: dict[str, list[dict]]) -> dict[str, list[dict]]:
 
 def _metric(res: dict) -> str:
     """The task's selection metric, from the ``best_val_<metric>`` result."""
-    return next((k[len("best_val_"):] for k in res if k.startswith("best_val_")), "acc")
+    return next((k[len("best_val_") :] for k in res if k.startswith("best_val_")), "acc")
 
 
 def _single(run: Path) -> str:

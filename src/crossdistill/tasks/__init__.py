@@ -13,4 +13,12 @@ from .lm import LanguageModeling
 from .retrieval import Retrieval
 from .segmentation import Segmentation
 
-__all__ = ["TASKS", "Classification", "LanguageModeling", "Retrieval", "Segmentation", "Task", "build"]
+__all__ = [
+    "TASKS",
+    "Classification",
+    "LanguageModeling",
+    "Retrieval",
+    "Segmentation",
+    "Task",
+    "build",
+]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 from ..registry import TASKS
@@ -28,8 +27,9 @@ class Classification(Task):
         self.add(sums, "correct", ((z.argmax(-1) == y) & ok).sum().float())
         self.add(sums, "labelled", ok.sum().float())
         if keep is not None:  # evaluation: CE too (the training loop has its own loss sums)
-            ce = F.cross_entropy(z.reshape(-1, z.shape[-1]), y.reshape(-1).clamp_min(0),
-                                 reduction="none")
+            ce = F.cross_entropy(
+                z.reshape(-1, z.shape[-1]), y.reshape(-1).clamp_min(0), reduction="none"
+            )
             self.add(sums, "ce", (ce * ok.reshape(-1)).sum())
 
     def compute(self, sums):

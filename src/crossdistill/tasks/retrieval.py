@@ -20,7 +20,9 @@ from .base import Task
 def recall_at_k(q: torch.Tensor, g: torch.Tensor, ks=(1, 5, 10)) -> dict[str, float]:
     """Share of queries whose own gallery item (same row) is among the k most similar."""
     if len(g) < max(ks):
-        raise ConfigError("task.ks", max(ks), f"recall@k needs a gallery of >= k items (has {len(g)})")
+        raise ConfigError(
+            "task.ks", max(ks), f"recall@k needs a gallery of >= k items (has {len(g)})"
+        )
     sim = F.normalize(q.float(), dim=-1) @ F.normalize(g.float(), dim=-1).T
     own = sim.diagonal()[:, None]
     rank = (sim > own).sum(1)  # items strictly more similar than the right one

@@ -421,8 +421,13 @@ class Trainer:
     def evaluate(self, data) -> dict:
         """The task's metrics of the current student on ``data`` (any split)."""
         return evaluate(
-            self.distiller.student, data, self.cfg.eval_batch_size, self.device, self.dist,
-            task=self.distiller.task, io=self.distiller.io,
+            self.distiller.student,
+            data,
+            self.cfg.eval_batch_size,
+            self.device,
+            self.dist,
+            task=self.distiller.task,
+            io=self.distiller.io,
         )
 
     def _epoch_row(self, epoch: int, seconds: float) -> dict:
@@ -462,7 +467,6 @@ class Trainer:
             self._best_state = {k: v.detach().clone() for k, v in state.items()}
 
     def _finish(self, seconds: float) -> dict:
-        student = self.distiller.student
         best = load_weights(self.out_dir / "best.safetensors") if self.out_dir else self._best_state
         self._load_student_state(best)
         res = {
