@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all lint bench-speed bench-hetero bench-condense clean
+.PHONY: demo test test-all lint bench-speed bench-hetero bench-condense bench-regression clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -36,3 +36,6 @@ bench-hetero: $(STAMP)
 
 bench-condense: $(STAMP)
 	$(BIN)/python benchmarks/condense.py
+
+bench-regression: $(STAMP)
+	$(BIN)/python benchmarks/regression.py --compare benchmarks/results/regression_before.json
