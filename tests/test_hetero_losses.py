@@ -91,19 +91,19 @@ def np_ofa(s, t, y, gamma):
 
 @pytest.mark.parametrize("gamma", [1.0, 1.5])
 def test_ofa_golden(gamma):
-    got = ofa(tt(S), tt(T), y=torch.tensor(Y), gamma=gamma).item()
+    got = ofa(tt(S), tt(T), y=torch.tensor(Y), gamma=gamma).mean().item()
     assert got == pytest.approx(np_ofa(S, T, Y, gamma), rel=1e-10)
 
 
 def test_ofa_gamma1_is_soft_ce_plus_label_term():
     # gamma = 1: ((p + 1) - 1) = p on the target too, so OFA = soft CE to p_t
-    got = ofa(tt(S), tt(T), y=torch.tensor(Y), gamma=1.0).item()
+    got = ofa(tt(S), tt(T), y=torch.tensor(Y), gamma=1.0).mean().item()
     ref = -(softmax(T) * log_softmax(S)).sum(1).mean()
     assert got == pytest.approx(ref, rel=1e-10)
 
 
 def test_ofa_unlabelled_rows_and_errors():
-    got = ofa(tt(S), tt(T), y=torch.tensor([-1, 2]), gamma=1.5).item()
+    got = ofa(tt(S), tt(T), y=torch.tensor([-1, 2]), gamma=1.5).mean().item()
     assert got == pytest.approx(np_ofa(S, T, np.array([-1, 2]), 1.5), rel=1e-10)
     with pytest.raises(ConfigError, match="gamma"):
         ofa(tt(S), tt(T), y=torch.tensor(Y), gamma=0.5)
@@ -113,7 +113,9 @@ def test_ofa_unlabelled_rows_and_errors():
 
 def test_ofa_gradcheck():
     s = tt(S).requires_grad_()
-    assert torch.autograd.gradcheck(lambda x: ofa(x, tt(T), y=torch.tensor(Y), gamma=1.5), (s,))
+    assert torch.autograd.gradcheck(
+        lambda x: ofa(x, tt(T), y=torch.tensor(Y), gamma=1.5).mean(), (s,)
+    )
 
 
 # --- PLD --------------------------------------------------------------------------------
@@ -132,29 +134,31 @@ def np_pld(s, t, y, temp=1.0):
 
 
 def test_pld_golden():
-    assert pld(tt(S), tt(T), y=torch.tensor(Y)).item() == pytest.approx(np_pld(S, T, Y), rel=1e-10)
-    assert pld(tt(S), tt(T), y=torch.tensor(Y), temperature=2.0).item() == pytest.approx(
+    assert pld(tt(S), tt(T), y=torch.tensor(Y)).mean().item() == pytest.approx(
+        np_pld(S, T, Y), rel=1e-10
+    )
+    assert pld(tt(S), tt(T), y=torch.tensor(Y), temperature=2.0).mean().item() == pytest.approx(
         np_pld(S, T, Y, 2.0), rel=1e-10
     )
     # no labels: the pure teacher ranking
-    assert pld(tt(S), tt(T)).item() == pytest.approx(np_pld(S, T, None), rel=1e-10)
+    assert pld(tt(S), tt(T)).mean().item() == pytest.approx(np_pld(S, T, None), rel=1e-10)
 
 
 def test_pld_first_term_is_weighted_ce_and_translation_invariant():
     s, t = tt(S), tt(T)
-    assert pld(s + 3.0, t, y=torch.tensor(Y)).item() == pytest.approx(
-        pld(s, t, y=torch.tensor(Y)).item(), rel=1e-10
+    assert pld(s + 3.0, t, y=torch.tensor(Y)).mean().item() == pytest.approx(
+        pld(s, t, y=torch.tensor(Y)).mean().item(), rel=1e-10
     )
     # a perfect student ranking with huge margins drives the loss to ~0
     order = torch.tensor([[0, 1, 2, 3], [2, 0, 1, 3]])
     big = torch.zeros(2, 4, dtype=torch.float64)
     big.scatter_(1, order, torch.tensor([[90.0, 60, 30, 0]] * 2, dtype=torch.float64))
-    assert pld(big, t, y=torch.tensor(Y)).item() < 1e-10
+    assert pld(big, t, y=torch.tensor(Y)).mean().item() < 1e-10
 
 
 def test_pld_gradcheck():
     s = tt(S).requires_grad_()
-    assert torch.autograd.gradcheck(lambda x: pld(x, tt(T), y=torch.tensor(Y)), (s,))
+    assert torch.autograd.gradcheck(lambda x: pld(x, tt(T), y=torch.tensor(Y)).mean(), (s,))
 
 
 # --- TAID -------------------------------------------------------------------------------
@@ -261,7 +265,7 @@ def np_kl(p, q_log):
 
 
 def test_dml_golden_and_gradcheck():
-    got = dml([tt(S), tt(T)]).item()
+    got = dml([tt(S), tt(T)]).mean().item()
     ref = np.mean(np_kl(softmax(T), log_softmax(S))) + np.mean(np_kl(softmax(S), log_softmax(T)))
     assert got == pytest.approx(ref, rel=1e-10)
 
@@ -273,14 +277,14 @@ def test_dml_golden_and_gradcheck():
             + kl(torch.log_softmax(z / 2, 1), pa, reduction="batchmean")
         )
 
-    check_stopgrad(lambda x, z: dml([x, z], temperature=2.0), surrogate, tt(S), tt(T))
+    check_stopgrad(lambda x, z: dml([x, z], temperature=2.0).mean(), surrogate, tt(S), tt(T))
     with pytest.raises(ConfigError):
         dml(tt(S))
 
 
 def test_bsd_golden_selection():
     y = np.array([0, 2])
-    got = bsd([tt(S), tt(T)], y=torch.tensor(y)).item()
+    got = bsd([tt(S), tt(T)], y=torch.tensor(y)).mean().item()
     rows = []
     for i in range(2):
         ce_a, ce_b = -log_softmax(S[i])[y[i]], -log_softmax(T[i])[y[i]]
@@ -292,7 +296,7 @@ def test_bsd_golden_selection():
             rows.append(0.0)
     assert got == pytest.approx(np.mean(rows), rel=1e-10)
     # unlabelled: the more confident peer teaches
-    got_u = bsd([tt(S), tt(T)], y=torch.tensor([-1, -1])).item()
+    got_u = bsd([tt(S), tt(T)], y=torch.tensor([-1, -1])).mean().item()
     rows = []
     for i in range(2):
         if softmax(S[i]).max() > softmax(T[i]).max():
@@ -313,10 +317,10 @@ def test_bsd_gradcheck_and_teacher_side_detached():
         return (a_teaches * kl_b + (1 - a_teaches) * kl_a).mean()
 
     assert 0 < a_teaches.sum() < 2  # both directions are exercised
-    check_stopgrad(lambda x, z: bsd([x, z], y=y), surrogate, tt(S), tt(T))
+    check_stopgrad(lambda x, z: bsd([x, z], y=y).mean(), surrogate, tt(S), tt(T))
     # sample 0: CE_a > CE_b? whichever teaches gets no gradient from that sample's row
     a1, b1 = tt(S[:1]).requires_grad_(), tt(T[:1]).requires_grad_()
-    bsd([a1, b1], y=torch.tensor([1])).backward()  # class 1: b (teacher logits) is better
+    bsd([a1, b1], y=torch.tensor([1])).mean().backward()  # class 1: b (teacher logits) is better
     assert torch.count_nonzero(b1.grad) == 0 and torch.count_nonzero(a1.grad) > 0
 
 

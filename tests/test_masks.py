@@ -291,3 +291,34 @@ def test_distiller_forward_lm_masks_every_term():
     for tok in range(7):
         g = student.emb.weight.grad[tok]
         assert (g.abs().sum() > 0) == (tok in used), tok
+
+
+# -- the heterogeneous family's logit losses: per position over any leading dims -----------
+@pytest.mark.parametrize("name", ["ofa", "pld", "dml", "bsd"])
+def test_hetero_logit_losses_per_position_and_masked(name):
+    from crossdistill.losses import hetero
+
+    g = torch.Generator().manual_seed(3)
+    s = torch.randn(2, 5, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(2, 5, 7, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 7, (2, 5), generator=g)
+    y[0, 1] = -100
+    fn = getattr(hetero, name)
+
+    def call(a, b, labels):
+        if name == "dml":
+            return fn([a, b])
+        if name == "bsd":
+            return fn([a, b], y=labels)
+        return fn(a, b, y=labels)
+
+    per = call(s, t, y)
+    assert per.shape == (2, 5)
+    flat = call(s.reshape(-1, 7), t.reshape(-1, 7), y.reshape(-1)).view(2, 5)  # the 2-D golden path
+    torch.testing.assert_close(per, flat)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[1, 3:] = False
+    got = masked_mean(per, mask)
+    torch.testing.assert_close(got, per[mask].mean())
+    got.backward()
+    assert not s.grad[1, 3:].any() and s.grad[0, 0].abs().sum() > 0

@@ -29,14 +29,12 @@ def _check(name: str, field: str, value, ok: bool, allowed: str) -> None:
 
 
 def _target_mask(s: Tensor, y: Tensor | None) -> Tensor:
-    """One-hot of ``y`` (B, K); rows of unlabelled samples (``y == -1``) are all zero."""
-    mask = torch.zeros_like(s)
+    """One-hot of ``y`` (..., K); positions without a label (``y == -100``) are all zero."""
     if y is None:
-        return mask
+        return torch.zeros_like(s)
     y = y.long()
-    lab = y >= 0
-    mask[lab] = F.one_hot(y[lab], s.shape[1]).to(s.dtype)
-    return mask
+    lab = (y >= 0).unsqueeze(-1)
+    return F.one_hot(y.clamp_min(0), s.shape[-1]).to(s.dtype) * lab
 
 
 # --------------------------------------------------------------------------------------
@@ -63,17 +61,18 @@ def ofa(
     distillers/ofa.py) there is no ``T^2`` factor and the default temperature is 1; we use
     ``log_softmax`` instead of ``log(softmax)`` for numerical safety.
 
-    Shapes: ``s``, ``t`` (B, K) logits; ``y`` (B,) labels or None.
+    Shapes: ``s``, ``t`` (..., K) logits; ``y`` (...) labels or None. Returns one value per
+    position (the Term averages over the context's mask).
     """
     _check_logits("ofa", s, t)
     _check_temperature("ofa", temperature)
     _check("ofa", "gamma", gamma, isinstance(gamma, (int, float)) and gamma >= 1, "a number >= 1")
     s32, t32 = _upcast(s), _upcast(t).detach()
-    log_p_s = F.log_softmax(s32 / temperature, dim=1)
-    p_t = F.softmax(t32 / temperature, dim=1)
+    log_p_s = F.log_softmax(s32 / temperature, dim=-1)
+    p_t = F.softmax(t32 / temperature, dim=-1)
     mask = _target_mask(s32, y)
     weight = (p_t + mask).pow(gamma) - mask
-    return -(weight * log_p_s).sum(1).mean()
+    return -(weight * log_p_s).sum(-1)
 
 
 # --------------------------------------------------------------------------------------
@@ -103,7 +102,8 @@ def pld(s: Tensor, t: Tensor, *, y: Tensor | None = None, temperature: float = 1
     teacher ranking. The suffix logsumexp is a ``logcumsumexp`` over the flipped, gathered
     student logits (no loops).
 
-    Shapes: ``s``, ``t`` (B, K) logits; ``y`` (B,) labels or None.
+    Shapes: ``s``, ``t`` (..., K) logits; ``y`` (...) labels or None. Returns one value per
+    position (the Term averages over the context's mask).
     """
     _check_logits("pld", s, t)
     _check_temperature("pld", temperature)
@@ -111,11 +111,11 @@ def pld(s: Tensor, t: Tensor, *, y: Tensor | None = None, temperature: float = 1
     key = t32.clone()
     mask = _target_mask(t32, y).bool()
     key[mask] = math.inf  # the label goes first
-    pi = key.argsort(dim=1, descending=True)
-    alpha = F.softmax(t32 / temperature, dim=1).gather(1, pi)
-    zs = s32.gather(1, pi)
-    suffix = zs.flip(1).logcumsumexp(1).flip(1)  # suffix[k] = logsumexp_{j>=k} zs[j]
-    return (alpha * (suffix - zs)).sum(1).mean()
+    pi = key.argsort(dim=-1, descending=True)
+    alpha = F.softmax(t32 / temperature, dim=-1).gather(-1, pi)
+    zs = s32.gather(-1, pi)
+    suffix = zs.flip(-1).logcumsumexp(-1).flip(-1)  # suffix[k] = logsumexp_{j>=k} zs[j]
+    return (alpha * (suffix - zs)).sum(-1)
 
 
 # --------------------------------------------------------------------------------------
@@ -353,14 +353,16 @@ def dml(s, t=None, *, temperature: float = 1.0) -> Tensor:
     Each direction treats the other peer as a constant, exactly as the paper's alternating
     updates do within one step.
 
-    ``s``: a list ``[z_a, z_b]`` of two (B, K) logits (a multi-tap term with no teacher).
+    ``s``: a list ``[z_a, z_b]`` of two (..., K) logits (a multi-tap term with no teacher).
+    Returns one value per position (the Term averages over the context's mask).
     """
     a, b = _pair_logits("dml", s)
     _check_temperature("dml", temperature)
     T = temperature
-    kl_ab = F.kl_div(F.log_softmax(a / T, 1), F.softmax(b.detach() / T, 1), reduction="batchmean")
-    kl_ba = F.kl_div(F.log_softmax(b / T, 1), F.softmax(a.detach() / T, 1), reduction="batchmean")
-    return (kl_ab + kl_ba) * T * T
+    kl = lambda x, y: F.kl_div(  # noqa: E731  KL(sg(p_y) || p_x) per position
+        F.log_softmax(x / T, -1), F.softmax(y.detach() / T, -1), reduction="none"
+    ).sum(-1)
+    return (kl(a, b) + kl(b, a)) * T * T
 
 
 def _selection(la: Tensor, lb: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -370,7 +372,9 @@ def _selection(la: Tensor, lb: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor
     in neither, so they transfer nothing."""
     score_a, score_b = -la.max(-1).values, -lb.max(-1).values
     if y is not None:
-        y = y.long().reshape(-1, *[1] * (la.dim() - 2)).expand(la.shape[:-1])
+        y = y.long()
+        if y.shape != la.shape[:-1]:  # per-sample labels for per-region predictions
+            y = y.reshape(-1, *[1] * (la.dim() - 2)).expand(la.shape[:-1])
         lab, yy = y >= 0, y.clamp(min=0).unsqueeze(-1)
         score_a = torch.where(lab, -la.gather(-1, yy).squeeze(-1), score_a)
         score_b = torch.where(lab, -lb.gather(-1, yy).squeeze(-1), score_b)
@@ -402,15 +406,16 @@ def bsd(s, t=None, *, y: Tensor | None = None, temperature: float = 1.0) -> Tens
     with the higher max-probability (more confident). Ties transfer nothing. The paper's
     region-wise selection is ``bsd_region`` (on region predictions of feature-map patches).
 
-    ``s``: ``[z_a, z_b]`` two (B, K) logits; ``y`` (B,) labels.
+    ``s``: ``[z_a, z_b]`` two (..., K) logits; ``y`` (...) labels. Returns one value per
+    position (the Term averages over the context's mask).
     """
     a, b = _pair_logits("bsd", s)
     _check_temperature("bsd", temperature)
     T = temperature
     with torch.no_grad():
-        a_teaches, b_teaches = _selection(F.log_softmax(a, 1), F.log_softmax(b, 1), y)
+        a_teaches, b_teaches = _selection(F.log_softmax(a, -1), F.log_softmax(b, -1), y)
     rows = a_teaches * _kl_rows(b, a, T) + b_teaches * _kl_rows(a, b, T)
-    return rows.mean() * T * T
+    return rows * T * T
 
 
 @LOSSES.register(
