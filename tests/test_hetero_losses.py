@@ -164,7 +164,7 @@ def test_pld_gradcheck():
 # --- TAID -------------------------------------------------------------------------------
 def test_taid_golden_loss_and_schedule():
     mod = TAIDLoss((2, 4), (2, 4)).double()
-    got = mod(tt(S), tt(T)).item()
+    got = mod(tt(S), tt(T)).mean().item()
     w = 0.4
     target = softmax((1 - w) * S + w * T)
     assert got == pytest.approx(-(target * log_softmax(S)).sum(1).mean(), rel=1e-10)
@@ -193,7 +193,7 @@ def test_taid_state_is_buffers_and_gradcheck():
         target = torch.softmax(0.6 * tt(S) + 0.4 * tt(T), 1)  # sg(z_s) frozen at S
         return -(target * torch.log_softmax(x, 1)).sum(1).mean()
 
-    check_stopgrad(lambda x: mod(x, tt(T)), surrogate, tt(S))
+    check_stopgrad(lambda x: mod(x, tt(T)).mean(), surrogate, tt(S))
     with pytest.raises(ConfigError, match="taid.beta"):
         TAIDLoss((2, 4), (2, 4), beta=1.0)
     with pytest.raises(ConfigError, match="taid.t_end"):
@@ -521,3 +521,13 @@ def test_hfd_module_both_ways_detached_targets():
     assert HFDLoss([(2, 4, 6, 6), (2, 32)])([torch.randn(2, 4, 6, 6), torch.randn(2, 32)]) > 0
     with pytest.raises(ConfigError):
         HFDLoss((2, 4, 6, 6))
+
+
+def test_taid_per_token_with_mask_records_the_masked_loss():
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 3, 5, generator=g), torch.randn(2, 3, 5, generator=g)
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    mod = TAIDLoss(tuple(s.shape), tuple(t.shape)).train()
+    per = mod(s, t, mask=mask)
+    assert per.shape == (2, 3)
+    assert float(mod.last) == pytest.approx(float(per[mask].mean()), rel=1e-6)

@@ -166,9 +166,9 @@ class TAIDLoss(nn.Module):
         _check("taid", "t_end", t_end, t_start <= t_end <= 1.0, "a number in [t_start, 1]")
         _check("taid", "alpha", alpha, alpha >= 0, "a number >= 0")
         _check("taid", "beta", beta, 0.0 <= beta < 1.0, "a number in [0, 1)")
-        if len(s_shape) != 2 or t_shape is None or tuple(s_shape) != tuple(t_shape):
+        if len(s_shape) < 2 or t_shape is None or tuple(s_shape) != tuple(t_shape):
             raise ConfigError(
-                "taid.inputs", f"{s_shape} vs {t_shape}", "two (batch, classes) logit tensors"
+                "taid.inputs", f"{s_shape} vs {t_shape}", "two (..., classes) logit tensors"
             )
         self.t_start, self.t_end, self.alpha, self.beta, self.eps = (
             float(t_start),
@@ -182,13 +182,18 @@ class TAIDLoss(nn.Module):
         self.register_buffer("L_prev", torch.tensor(math.nan, dtype=torch.float64))
         self.register_buffer("last", torch.tensor(math.nan, dtype=torch.float64))
 
-    def forward(self, s: Tensor, t: Tensor, *, y=None, idx=None, **_) -> Tensor:
+    takes_mask = True  # the distiller passes the context's mask (the schedule's L is masked)
+
+    def forward(self, s: Tensor, t: Tensor, *, y=None, idx=None, mask=None, **_) -> Tensor:
+        """Per-position loss (the Term averages it over the mask); per token for LMs."""
+        from ..context import masked_mean
+
         s32, t32 = _upcast(s), _upcast(t).detach()
         w = float(self.t)
-        target = F.softmax((1.0 - w) * s32.detach() + w * t32, dim=1)
-        loss = -(target * F.log_softmax(s32, dim=1)).sum(1).mean()
+        target = F.softmax((1.0 - w) * s32.detach() + w * t32, dim=-1)
+        loss = -(target * F.log_softmax(s32, dim=-1)).sum(-1)
         if self.training:
-            self.last.fill_(loss.detach().double().item())
+            self.last.fill_(masked_mean(loss.detach(), mask).double().item())
         return loss
 
     @torch.no_grad()
