@@ -67,6 +67,10 @@ def _mean_curves(runs: dict[str, list[dict]]) -> dict[str, list[dict]]:
     return out
 
 
+def _fmt(v) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else ("" if v is None else str(v))
+
+
 def _metric(res: dict) -> str:
     """The task's selection metric, from the ``best_val_<metric>`` result."""
     return next((k[len("best_val_") :] for k in res if k.startswith("best_val_")), "acc")
@@ -81,6 +85,16 @@ def _single(run: Path) -> str:
     if curves:
         png = plots.learning_curves(curves, _metric(res))
         parts.append("<h2>Learning curves</h2>" + _img(png, "curves"))
+    task = res.get("task") if isinstance(res.get("task"), dict) else None
+    if task and task.get("columns"):  # the task's own headline metrics, labelled by the task
+        rows = [
+            (label, _fmt(res.get(f"test_{m}")), "selects" if m == task["select"] else "")
+            for m, label in task["columns"]
+        ]
+        parts.append(
+            f"<h2>Test metrics ({html.escape(task['name'])} task)</h2>"
+            + _table(["metric", "test", "best epoch chosen on val by"], rows)
+        )
     if res:
         parts.append(
             "<h2>Results</h2>"
@@ -89,7 +103,7 @@ def _single(run: Path) -> str:
                 [
                     (k, f"{v:.4f}" if isinstance(v, float) else v)
                     for k, v in res.items()
-                    if not isinstance(v, list)
+                    if not isinstance(v, (list, dict))
                 ],
             )
         )

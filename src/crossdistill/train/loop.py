@@ -477,6 +477,13 @@ class Trainer:
             "world": self.dist.world,
             "student_params": sum(v.numel() for v in best.values() if v.is_floating_point()),
         }
+        task = self.distiller.task
+        res["task"] = {
+            "name": task.name,
+            "select": task.select,
+            "mode": task.mode,
+            "columns": [list(c) for c in task.columns],
+        }
         if self.test is not None:
             t = self.evaluate(self.test)
             res.update({f"test_{k}": x for k, x in t.items() if isinstance(x, (float, list))})
