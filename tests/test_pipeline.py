@@ -338,3 +338,25 @@ def test_prepare_changes_training():
         ).fit()
         runs.append(d.student.state_dict())
     assert any(not torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
+def test_hugging_face_datasets_dataset_is_accepted_as_is(tmp_path):
+    """A real ``datasets.Dataset`` (rows are dicts of Python values) trains and resumes."""
+    hf = pytest.importorskip("datasets")
+    import crossdistill as cd
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 1, 8, 8, generator=g)
+    y = torch.randint(0, 10, (40,), generator=g)
+    ds = hf.Dataset.from_dict({"x": x.numpy().tolist(), "y": y.tolist()})
+
+    def fit(out, **kw):
+        torch.manual_seed(0)
+        s = cd.models.create("mlp", num_classes=10, in_channels=1, img_size=8, hidden=(16,))
+        d = cd.Distiller(s)
+        cd.Trainer(d, ds, epochs=2, batch_size=8, progress=False, out_dir=out, **kw).fit()
+        return s.state_dict()
+
+    a = fit(tmp_path / "a")
+    b = fit(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
