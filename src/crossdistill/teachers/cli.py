@@ -42,14 +42,21 @@ def cmd_cache_teacher(args) -> int:
 
     cfg = C.load(args.config, args.overrides)
     spec = cfg.teacher
-    if spec is None or not spec.model or not spec.checkpoint:
+    if spec is None or not (spec.model or spec.hf or spec.hf_path) or not (
+        spec.checkpoint or spec.hf_path
+    ):
         raise ConfigError(
             "teacher",
             None if spec is None else spec.model,
-            "cache-teacher needs teacher: {model: ..., checkpoint: ...}",
+            "cache-teacher needs teacher: {model: ..., checkpoint: ...} (or hf_path)",
         )
+    from ..adapters import ModelIO
+    from ..build import task_of
+
     train = load_splits(cfg)["train"]
     teacher = make_model(spec, "teacher", train)
+    task = task_of(cfg)
+    io = ModelIO(**spec.io(), field="teacher").with_defaults(task.inputs, task.class_dim)
     taps = args.taps
     if taps is None:
         taps = sorted(
@@ -65,6 +72,7 @@ def cmd_cache_teacher(args) -> int:
         teacher,
         train,
         out,
+        io=io,
         taps=taps,
         topk=args.topk,
         dtype=args.dtype,
@@ -74,7 +82,9 @@ def cmd_cache_teacher(args) -> int:
     m = json.loads((out / "manifest.json").read_text())
     print(
         f"teacher store: {out}\n  samples {m['num_samples']}, taps {m['taps']}, "
-        f"{m['bytes_per_sample']} bytes/sample ({m['bytes_per_sample_signals']} without the id)"
+        f"{m['bytes_per_sample']} bytes/sample ({m['bytes_per_sample_signals']} without the id), "
+        f"{m.get('bytes_per_token', m['bytes_per_sample_signals']):g} bytes/position "
+        f"over {m.get('positions_per_sample', 1)} positions/sample"
     )
     return 0
 
