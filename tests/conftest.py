@@ -35,3 +35,19 @@ def tiny_vit():
     return cd.models.create(
         "vit", num_classes=10, in_channels=1, img_size=8, patch=2, dim=16, depth=2, heads=2
     )
+
+
+class Kill(Exception):
+    """A simulated crash (SIGKILL) raised by :class:`KillAfter`."""
+
+
+class KillAfter:
+    """A callback that crashes the run after ``n`` batches of the whole run."""
+
+    def __init__(self, n):
+        self.n, self.seen = n, 0
+
+    def on_batch_end(self, trainer, b):
+        self.seen += 1
+        if self.seen == self.n:
+            raise Kill

@@ -3,6 +3,7 @@ exact kill-and-resume through map-style datasets, user DataLoaders and prepare s
 
 import pytest
 import torch
+from conftest import Kill, KillAfter
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -11,23 +12,6 @@ from crossdistill.data import Dataset
 from crossdistill.data.augment import augment_batch
 from crossdistill.data.dataset import Batches
 from crossdistill.data.loaders import LoaderBatches, MapBatches, make_batches
-
-
-class Kill(Exception):
-    pass
-
-
-class KillAfter:
-    """Simulates a crash after ``n`` batches of the whole run."""
-
-    def __init__(self, n):
-        self.n, self.seen = n, 0
-
-    def on_batch_end(self, trainer, b):
-        self.seen += 1
-        if self.seen == self.n:
-            raise Kill
-
 
 # -- joint spatial transforms --------------------------------------------------------------
 

@@ -3,26 +3,11 @@ and projectors, export is clean, and kill-and-resume after the event is bit-iden
 
 import pytest
 import torch
+from conftest import Kill, KillAfter
 
 import crossdistill as cd
 from crossdistill import Distiller, Term, Trainer
 from crossdistill.errors import ConfigError
-
-
-class Kill(Exception):
-    pass
-
-
-class KillAfter:
-    """Simulates a crash after ``n`` batches of the whole run."""
-
-    def __init__(self, n):
-        self.n, self.seen = n, 0
-
-    def on_batch_end(self, trainer, b):
-        self.seen += 1
-        if self.seen == self.n:
-            raise Kill
 
 
 class PruneAt:

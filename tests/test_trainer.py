@@ -2,26 +2,11 @@ import json
 
 import pytest
 import torch
+from conftest import Kill, KillAfter
 
 import crossdistill as cd
 from crossdistill import Distiller, Term, Trainer
 from crossdistill.train.schedule import lr_at
-
-
-class Kill(Exception):
-    pass
-
-
-class KillAfter:
-    """Simulates a crash (SIGKILL) after ``n`` batches of the whole run."""
-
-    def __init__(self, n):
-        self.n, self.seen = n, 0
-
-    def on_batch_end(self, trainer, b):
-        self.seen += 1
-        if self.seen == self.n:
-            raise Kill
 
 
 def _make(digits, student_seed=0):

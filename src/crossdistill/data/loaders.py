@@ -14,7 +14,6 @@ resumed run continues exactly where it stopped.
 from __future__ import annotations
 
 import itertools
-import math
 
 import torch
 from torch.utils.data import DataLoader
@@ -41,35 +40,14 @@ def collate_dicts(samples: list) -> dict:
     return {k: torch.stack([torch.as_tensor(s[k]) for s in samples]) for k in samples[0]}
 
 
-class MapBatches:
-    """Seeded batches over a map-style dataset with dict items (see the module docstring)."""
+class MapBatches(Batches):
+    """Seeded batches over a map-style dataset with dict items (see the module docstring);
+    the same order, length and augmentation rules as the in-memory :class:`Batches`."""
 
-    def __init__(
-        self,
-        data,
-        batch_size,
-        *,
-        shuffle=True,
-        seed=0,
-        drop_last=False,
-        shift=0,
-        flip=False,
-        rank=0,
-        world=1,
-        num_workers=0,
-    ):
-        self.data, self.batch_size, self.shuffle, self.seed = data, batch_size, shuffle, seed
-        self.drop_last, self.shift, self.flip = drop_last, shift, flip
-        self.rank, self.world, self.num_workers = rank, world, num_workers
+    def __init__(self, data, batch_size, *, num_workers=0, **kw):
+        super().__init__(data, batch_size, **kw)
+        self.num_workers = num_workers
         self.kinds = dict(getattr(data, "kinds", {}) or {})
-
-    def __len__(self) -> int:
-        n = math.ceil(len(self.data) / self.world)
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
-
-    @property
-    def augmenting(self) -> bool:
-        return self.shift > 0 or self.flip
 
     def epoch(self, epoch: int = 0, start: int = 0):
         order = epoch_order(len(self.data), epoch, self.seed, self.shuffle, self.rank, self.world)
