@@ -127,7 +127,8 @@ def test_rkl_golden_swaps_the_kl_arguments():
 )
 def test_kd_nonnegative(a, b, temperature):
     s, t = torch.tensor(a).view(2, 3), torch.tensor(b).view(2, 3)
-    assert kd(s, t, temperature=temperature).mean().item() >= -1e-6
+    # KL >= 0 up to float32 rounding of the per-row sums (scaled by T^2)
+    assert kd(s, t, temperature=temperature).min().item() >= -1e-5 * temperature**2
 
 
 def np_tckd_nckd(s, t, y, temp):
