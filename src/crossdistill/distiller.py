@@ -225,18 +225,21 @@ class Distiller(nn.Module):
         self.loss_modules = nn.ModuleDict()
         self._ctx: dict[str, set[str]] = {}
         self._s_out = _output_taps(self.terms, "student")
-        self._s_cap = Capture(student, self._tap_map(self.terms, "student"), "student tap")
+        self._s_flags = _output_flags(student, self._s_out)  # asked once, not per step
+        self._s_cap = self._student_capture()
         for t in self.terms:
             if t.teacher:
                 self._teacher_of(t)  # every teacher-side term names a teacher that exists
         self._t_caps: dict[str, Capture | dict[str, Tap]] = {}
         self._t_out: dict[str, dict[str, Tap]] = {}
+        self._t_flags: dict[str, dict] = {}
         self._t_logits: dict[str, bool] = {}
         for name, model in self.teachers.items():
             terms_here = [t for t in self.terms if t.teacher and self._teacher_of(t) == name]
             taps = self._tap_map(terms_here, "teacher", hooked=False)
             self._t_logits[name] = LOGITS in taps or mixture is not None
             self._t_out[name] = _output_taps(terms_here, "teacher")
+            self._t_flags[name] = _output_flags(model, self._t_out[name])
             if getattr(model, "is_store", False):
                 if mixture is not None:
                     taps.setdefault(LOGITS, Tap(LOGITS))
@@ -263,6 +266,9 @@ class Distiller(nn.Module):
         if hooked:
             taps = {k: v for k, v in taps.items() if k != LOGITS and v.path != OUTPUT}
         return taps
+
+    def _student_capture(self) -> Capture:
+        return Capture(self.student, self._tap_map(self.terms, "student"), "student tap")
 
     def _io(self, spec, field: str) -> ModelIO:
         io = ModelIO.parse(copy.copy(spec) if isinstance(spec, ModelIO) else spec, field)
@@ -357,13 +363,16 @@ class Distiller(nn.Module):
         return self
 
     # -- the step -----------------------------------------------------------------------
-    def run_model(self, model, io: ModelIO, cap: Capture, out_taps: dict, batch, check=False):
-        """Call one model through its adapter with its hooks armed; returns its tap values
-        (``"logits"`` = the adapter's logits, class axis last)."""
+    def run_model(
+        self, model, io: ModelIO, cap: Capture, out_taps: dict, flags: dict, batch, check=False
+    ):
+        """Call one model through its adapter with its hooks armed (``flags``: the HF output
+        flags its ``output.*`` taps need); returns its tap values (``"logits"`` = the
+        adapter's logits, class axis last)."""
         cap.clear()
         cap.active = True
         try:
-            out = io.call(model, batch, **_output_flags(model, out_taps))
+            out = io.call(model, batch, **flags)
         finally:
             cap.active = False
         vals = {k: cap.get(k) for k in cap.taps}
@@ -381,14 +390,15 @@ class Distiller(nn.Module):
         return vals, out
 
     def _capture(self, batch, check: bool = False):
-        s_vals, out = self.run_model(self.student, self.io, self._s_cap, self._s_out, batch, check)
+        s_vals, _ = self.run_model(
+            self.student, self.io, self._s_cap, self._s_out, self._s_flags, batch, check
+        )
         s_vals[None] = s_vals[LOGITS]
-        self.last_output = out
         return s_vals, self.teacher_signals(batch, check)
 
     def _needs_call(self, name: str) -> bool:
-        cap = self._t_caps[name]
-        return bool(self._t_logits[name] or self._t_out[name] or getattr(cap, "taps", cap))
+        """Whether an online teacher must run: some term reads its logits or taps."""
+        return bool(self._t_logits[name] or self._t_out[name] or self._t_caps[name].taps)
 
     @torch.no_grad()
     def teacher_signals(self, batch, check: bool = False) -> dict[tuple[str, str], torch.Tensor]:
@@ -406,7 +416,13 @@ class Distiller(nn.Module):
             if not self._needs_call(name):
                 continue
             vals, _ = self.run_model(
-                model, self.teacher_io[name], cap, self._t_out[name], batch, check
+                model,
+                self.teacher_io[name],
+                cap,
+                self._t_out[name],
+                self._t_flags[name],
+                batch,
+                check,
             )
             out.update({(name, k): v for k, v in vals.items()})
         return out
@@ -478,9 +494,9 @@ class Distiller(nn.Module):
         if not len(self.prepare) or not self.training:
             return batch
         batch = dict(batch)
+        dev = next(iter(batch.values())).device
         for i, stage in enumerate(self.prepare):
             seed = ((self.seed * 1_000_003 + i) * 100_003 + self.step) * 101 + self._calls
-            dev = next(iter(batch.values())).device
             gen = torch.Generator(dev).manual_seed(seed % (2**63))
             batch = stage(batch, PrepareState(self, gen))
         self._calls += 1
@@ -498,19 +514,14 @@ class Distiller(nn.Module):
         self.structure_changed = True
 
     def replay_structure(self, log: Sequence[Mapping]) -> None:
-        from .structure import apply
-
+        """Re-apply a checkpoint's logged structure events to a freshly built student."""
         for event in log:
-            args = {k: v for k, v in event.items() if k != "op"}
-            apply(self.student, event["op"], args)
-            self.structure_log.append(dict(event))
-        if log:
-            self.structure_changed = True
+            self.apply_structure(**event)
 
     def rebuild(self, batch: Mapping) -> None:
         """After a structure event: re-create hooks, projectors and stateful losses."""
         self._s_cap.remove()
-        self._s_cap = Capture(self.student, self._tap_map(self.terms, "student"), "student tap")
+        self._s_cap = self._student_capture()
         self.projectors = nn.ModuleDict()
         self.loss_modules = nn.ModuleDict()
         self.built = False
@@ -578,7 +589,7 @@ class Distiller(nn.Module):
         try:
             student = copy.deepcopy(self.student)
         finally:
-            self._s_cap = Capture(self.student, self._s_cap.taps, "student tap")
+            self._s_cap = self._student_capture()
         return student
 
     def export(self, path: str | os.PathLike | None = None) -> nn.Module:

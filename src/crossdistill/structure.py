@@ -33,58 +33,56 @@ def _set(model: nn.Module, path: str, new: nn.Module) -> None:
         setattr(parent, name, new)
 
 
-def _slice_out(m: nn.Module, keep: torch.Tensor) -> nn.Module:
+def _resized(m: nn.Module, n_in: int, n_out: int, field: str, role: str) -> nn.Module:
+    """A fresh Conv2d / Linear like ``m`` with ``n_in`` inputs and ``n_out`` outputs."""
     if isinstance(m, nn.Conv2d):
+        if m.groups != 1:
+            raise ConfigError(field, "grouped conv", f"{role} must have groups=1")
         new = nn.Conv2d(
-            m.in_channels,
-            len(keep),
-            m.kernel_size,
-            m.stride,
-            m.padding,
-            m.dilation,
-            1,
-            m.bias is not None,
+            n_in, n_out, m.kernel_size, m.stride, m.padding, m.dilation, 1, m.bias is not None
         )
     elif isinstance(m, nn.Linear):
-        new = nn.Linear(m.in_features, len(keep), m.bias is not None)
-    elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        new = nn.Linear(n_in, n_out, m.bias is not None)
+    else:
+        raise ConfigError(field, type(m).__name__, "Conv2d, Linear or BatchNorm")
+    return new.to(m.weight.device)
+
+
+def _width(m: nn.Module) -> tuple[int, int]:
+    """(inputs, outputs) of a Conv2d or Linear."""
+    if isinstance(m, nn.Conv2d):
+        return m.in_channels, m.out_channels
+    return m.in_features, m.out_features
+
+
+def _slice_out(m: nn.Module, keep: torch.Tensor) -> nn.Module:
+    """``m`` keeping only output channels ``keep`` (Conv2d, Linear or BatchNorm)."""
+    if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
         new = type(m)(len(keep), m.eps, m.momentum, m.affine, m.track_running_stats)
         for name in ("running_mean", "running_var"):
             if getattr(m, name) is not None:
                 getattr(new, name).copy_(getattr(m, name)[keep])
         if m.num_batches_tracked is not None:
             new.num_batches_tracked.copy_(m.num_batches_tracked)
+        new = new.to(m.weight.device if m.weight is not None else "cpu")
     else:
-        raise ConfigError("structure.path", type(m).__name__, "Conv2d, Linear or BatchNorm")
+        new = _resized(m, _width(m)[0], len(keep), "structure.path", "pruned layers")
     for name in ("weight", "bias"):
         p = getattr(m, name, None)
         if p is not None:
             getattr(new, name).copy_(p[keep])
-    return new.to(m.weight.device if m.weight is not None else "cpu")
+    return new
 
 
 def _slice_in(m: nn.Module, keep: torch.Tensor) -> nn.Module:
-    if isinstance(m, nn.Conv2d):
-        if m.groups != 1:
-            raise ConfigError("structure.next", "grouped conv", "followers must have groups=1")
-        new = nn.Conv2d(
-            len(keep),
-            m.out_channels,
-            m.kernel_size,
-            m.stride,
-            m.padding,
-            m.dilation,
-            1,
-            m.bias is not None,
-        )
-    elif isinstance(m, nn.Linear):
-        new = nn.Linear(len(keep), m.out_features, m.bias is not None)
-    else:
+    """``m`` reading only input channels ``keep`` (Conv2d or Linear)."""
+    if not isinstance(m, (nn.Conv2d, nn.Linear)):
         raise ConfigError("structure.next", type(m).__name__, "Conv2d or Linear")
+    new = _resized(m, len(keep), _width(m)[1], "structure.next", "followers")
     new.weight.copy_(m.weight[:, keep])
     if m.bias is not None:
         new.bias.copy_(m.bias)
-    return new.to(m.weight.device)
+    return new
 
 
 @STRUCTURE_OPS.register("prune_channels", description="keep some output channels of a layer")
@@ -93,7 +91,7 @@ def prune_channels(model, *, path: str, keep: list[int], bn: str | None = None, 
     ``bn``), and the matching input channels of each layer in ``next``."""
     layer = resolve(model, Tap(path), "structure.path")
     idx = torch.as_tensor(sorted(int(k) for k in keep), dtype=torch.long)
-    width = layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features
+    width = _width(layer)[1]
     if len(idx) == 0 or int(idx.max()) >= width or len(set(idx.tolist())) != len(idx):
         raise ConfigError("structure.keep", keep, f"distinct channel indices in 0..{width - 1}")
     _set(model, path, _slice_out(layer, idx))
