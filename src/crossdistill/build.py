@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 from . import data as D
@@ -47,8 +48,6 @@ def make_model(spec, field: str, data: D.Dataset, *, checkpoint: bool = True):
     if kind == "model":
         defaults = _zoo_defaults(data)
         factory = models.MODELS.get(spec.model, field)
-        import inspect
-
         params = inspect.signature(factory).parameters
         defaults = {k: v for k, v in defaults.items() if k in params}
         model = models.create(spec.model, field=field, **{**defaults, **spec.kwargs()})
@@ -108,9 +107,11 @@ def make_terms(cfg: RunConfig) -> list[Term]:
     return terms
 
 
-def cached_teacher(spec, field: str, base: Path | None):
+def cached_teacher(spec, field: str, base: Path | None, run_data=None, run_train=None):
     """Train the teacher of ``spec.from_config`` once; later runs reuse it, keyed by the
-    teacher config's hash (``runs/cache/<name>-<hash>``). Returns (model, its config)."""
+    teacher config's hash (``runs/cache/<name>-<hash>``). Returns (model, its config).
+    When the teacher config reads the run's own data (``run_data``), the run's train split
+    (``run_train``) sizes the model instead of loading the data a second time."""
     from . import config as C
 
     path = Path(spec.from_config)
@@ -121,20 +122,23 @@ def cached_teacher(spec, field: str, base: Path | None):
     weights = out / "student.safetensors"
     if not weights.is_file():
         print(f"training teacher {path} once (cached in {out})")
-        make_trainer(tcfg, out).fit()
+        trainer = make_trainer(tcfg, out)
+        trainer.fit()  # leaves the best-on-val weights in the student, as exported
         (out / "config.yaml").write_text(C.dump(tcfg))
-    splits = load_splits(tcfg)
-    model = make_model(tcfg.student, field, splits["train"], checkpoint=False)
+        return trainer.distiller.clean_student(), tcfg
+    same_data = run_data is not None and tcfg.data.model_dump() == run_data.model_dump()
+    train = run_train if same_data and run_train is not None else load_splits(tcfg)["train"]
+    model = make_model(tcfg.student, field, train, checkpoint=False)
     load_into(model, weights, f"{field}.from_config")
     return model, tcfg
 
 
-def make_teacher(spec, field: str, train: D.Dataset, base: Path | None = None):
+def make_teacher(spec, field: str, train: D.Dataset, base: Path | None = None, run_data=None):
     """An online teacher (model + checkpoint, or a config trained once and cached), or a
     :class:`TeacherStore` checked against the training split (and against the model's
     weights when both are given)."""
     if spec.from_config:
-        model, tcfg = cached_teacher(spec, field, base)
+        model, tcfg = cached_teacher(spec, field, base, run_data, train)
         return model, tcfg.student.io()
     if spec.store:
         from .teachers import TeacherStore, weights_hash
@@ -162,9 +166,12 @@ def make_distiller(cfg: RunConfig, splits: dict[str, D.Dataset]) -> Distiller:
     teacher, teacher_io = None, None
     base = getattr(cfg, "_path", None)
     if cfg.teacher is not None:
-        teacher, teacher_io = make_teacher(cfg.teacher, "teacher", train, base)
+        teacher, teacher_io = make_teacher(cfg.teacher, "teacher", train, base, cfg.data)
     elif cfg.teachers:
-        built = {n: make_teacher(s, f"teachers.{n}", train, base) for n, s in cfg.teachers.items()}
+        built = {
+            n: make_teacher(s, f"teachers.{n}", train, base, cfg.data)
+            for n, s in cfg.teachers.items()
+        }
         teacher = {n: m for n, (m, _) in built.items()}
         teacher_io = {n: io for n, (_, io) in built.items()}
     mixture = None
