@@ -329,7 +329,6 @@ class Trainer:
             dynamic_ncols=True,
         )
         t0 = time.time()
-        self.distiller.total_epochs = c.epochs
         for b, batch in enumerate(bar, start=st["batch"]):
             out = self.train_step(batch, epoch, b, n)
             last = b + 1 == n
