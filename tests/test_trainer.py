@@ -148,3 +148,52 @@ def test_corrupt_checkpoint_is_config_error(tmp_path, digits):
         Trainer(_make(digits), digits["train"], out_dir=tmp_path, epochs=1, progress=False).fit(
             resume=True
         )
+
+
+def test_resume_refuses_changed_settings_unless_allowed(tmp_path, digits, one_thread):
+    kw = dict(epochs=2, batch_size=50, progress=False)
+    Trainer(_make(digits), digits["train"], out_dir=tmp_path, callbacks=[], **kw).fit()
+    changed = Trainer(_make(digits), digits["train"], out_dir=tmp_path, **{**kw, "lr": 0.5})
+    with pytest.raises(cd.ConfigError, match=r"changed config: lr: 0.05 -> 0.5'; .*allow_changed"):
+        changed.fit(resume=True)
+    changed.fit(resume=True, allow_changed=True)  # finished already: nothing left to train
+
+
+def test_metrics_log_is_atomic_and_tolerates_a_torn_line(tmp_path):
+    from crossdistill.train.metrics import MetricsLog
+
+    log = MetricsLog(tmp_path)
+    for e in range(3):
+        log.append({"epoch": e, "loss": 1.0 / (e + 1)})
+    assert not list(tmp_path.glob(".*.tmp"))
+    with open(tmp_path / "metrics.jsonl", "a") as f:  # what an old, appending writer left
+        f.write('{"epoch": 3, "lo')
+    again = MetricsLog(tmp_path)
+    again.restore(upto_epoch=2)
+    assert [r["epoch"] for r in again.rows] == [0, 1]
+    assert (tmp_path / "metrics.csv").read_text().splitlines() == ["epoch,loss", "0,1.0", "1,0.5"]
+
+
+def test_cli_resume_refuses_a_changed_config_and_cleans_temp_files(tmp_path, capsys):
+    from crossdistill.cli import main
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        "student: {model: mlp, hidden: [16]}\nterms: [{loss: ce}]\n"
+        "train: {epochs: 1, optimizer: adamw, lr: 0.002, seed: 3, progress: false}\n"
+    )
+    run = tmp_path / "run"
+    assert main(["train", str(cfg), "--out", str(run)]) == 0
+    before = (run / "config.yaml").read_text()
+    (run / ".last.ckpt.x1y2.tmp").write_bytes(b"torn")  # a kill inside a checkpoint write
+    capsys.readouterr()
+    args = ["train", str(cfg), "--out", str(run), "--resume"]
+    assert main([*args, "--set", "train.lr=0.5", "--set", "train.seed=4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "train.lr: 0.002 -> 0.5, train.seed: 3 -> 4" in err[0], err
+    assert "--allow-changed" in err[0]
+    assert (run / "config.yaml").read_text() == before  # not rewritten by the refused resume
+    assert main(args) == 0
+    assert not list(run.glob(".*.tmp"))
+    assert main([*args, "--set", "train.lr=0.5", "--allow-changed"]) == 0
+    assert "lr: 0.5" in (run / "config.yaml").read_text()

@@ -6,7 +6,7 @@ import inspect
 from pathlib import Path
 
 from . import data as D
-from . import models
+from . import models, resources
 from .config import RunConfig
 from .distiller import Distiller, Term
 from .errors import ConfigError
@@ -78,9 +78,27 @@ def make_model(spec, field: str, data: D.Dataset, *, checkpoint: bool = True):
             attn_implementation=spec.attn_implementation,
             field=field,
         )
+    if kind != "model":
+        _check_positions(model, data, field)
     if checkpoint and spec.checkpoint:
         load_into(model, spec.checkpoint, f"{field}.checkpoint")
     return model
+
+
+def _check_positions(model, data: D.Dataset, field: str) -> None:
+    """Token blocks longer than an HF model's position table fail here, not as an index
+    error inside its embedding."""
+    cfg = getattr(model, "config", None)
+    limits = [getattr(cfg, k, None) for k in ("n_positions", "max_position_embeddings")]
+    limit = next((v for v in limits if isinstance(v, int) and v > 0), None)
+    ids = getattr(data, "tensors", {}).get("input_ids")
+    if limit and ids is not None and ids.dim() >= 2 and ids.shape[-1] > limit:
+        raise ConfigError(
+            "data.params.block",
+            int(ids.shape[-1]),
+            f"longer than the {limit} positions of {field} ({type(model).__name__}); use a "
+            f"block <= {limit} or a model with more positions (config: n_positions)",
+        )
 
 
 def make_terms(cfg: RunConfig) -> list[Term]:
@@ -102,8 +120,14 @@ def make_terms(cfg: RunConfig) -> list[Term]:
                     **params,
                 )
             )
-        except ConfigError as e:
-            raise ConfigError(f"terms.{i}.{e.field.split('.')[-1]}", e.value, e.allowed) from None
+            terms[-1].field = f"terms.{i}"  # later errors (taps, shapes) name terms.<i>
+        except ConfigError as e:  # terms.<name>.x (or terms.<loss>.x) -> terms.<i>.x
+            rest = e.field
+            for prefix in (f"terms.{t.name or t.loss}", f"terms.{t.loss}", "terms"):
+                if rest.startswith(prefix + "."):
+                    rest = rest[len(prefix) + 1 :]
+                    break
+            raise ConfigError(f"terms.{i}.{rest}", e.value, e.allowed) from None
     return terms
 
 
@@ -144,10 +168,12 @@ def make_teacher(spec, field: str, train: D.Dataset, base: Path | None = None, r
         from .teachers import TeacherStore, weights_hash
 
         store = TeacherStore(spec.store, f"{field}.store")
-        model_hash = None
+        model = None
         if spec.model and spec.checkpoint:
-            model_hash = weights_hash(make_model(spec, field, train))
-        store.check(teacher_hash=model_hash, data=train)
+            model = make_model(spec, field, train)
+        store.check(teacher_hash=None if model is None else weights_hash(model), data=train)
+        if model is not None:  # the hash cannot see reordered rows or another teacher's shard
+            store.verify_against(model, train)
         return store, spec.io()
     if not (spec.model or spec.hf or spec.hf_path) or not (spec.checkpoint or spec.hf_path):
         raise ConfigError(
@@ -179,6 +205,9 @@ def make_distiller(cfg: RunConfig, splits: dict[str, D.Dataset]) -> Distiller:
         from .teachers import Mixture
 
         mixture = Mixture(**cfg.mixture.model_dump())
+    import torch
+
+    torch.manual_seed(cfg.train.seed)  # the student's init cannot depend on a cached teacher
     student = make_model(cfg.student, "student", train)
     hooks = []
     terms = make_terms(cfg)
@@ -242,7 +271,11 @@ def train_config(cfg: RunConfig) -> TrainConfig:
 
 def make_trainer(cfg: RunConfig, out_dir: str | Path | None = None, **overrides) -> Trainer:
     """Everything checked and built; nothing trained yet. ``trainer.fit()`` trains."""
+    resources.check(cfg)  # device, data size, memory: before any data load or build
     splits = load_splits(cfg)
+    import torch  # models, projectors and heads start from the run's seed: same seed, same bits
+
+    torch.manual_seed(overrides.get("seed", cfg.train.seed))
     distiller = make_distiller(cfg, splits)
     tc = train_config(cfg)
     for k, v in overrides.items():
@@ -253,4 +286,6 @@ def make_trainer(cfg: RunConfig, out_dir: str | Path | None = None, **overrides)
 
 
 def default_out_dir(cfg: RunConfig) -> Path:
-    return Path(cfg.out_dir or f"runs/{cfg.name or cfg.digest()}")
+    from .rundir import default_out_dir as checked  # refuses ../x names, unwritable dirs
+
+    return checked(cfg)

@@ -1,7 +1,8 @@
 """Command line: ``crossdistill train | eval | export | list | report | demo``.
 
 Bad input exits with code 2 and one line naming the field, the value and what is allowed;
-``--debug`` shows the traceback instead.
+an unexpected failure exits 1 with one ``internal error`` line; ``--debug`` shows the
+traceback instead.
 """
 
 from __future__ import annotations
@@ -11,14 +12,28 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import ConfigError
+from .errors import ConfigError, one_line
 
-LIST_KINDS = ("losses", "models", "datasets", "methods", "projectors", "condensers")
+LIST_KINDS = ("losses", "models", "datasets", "methods", "projectors", "condensers", "config")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage errors on one line (``crossdistill: error: ...``), exit 2."""
+
+    def error(self, message):
+        self.exit(2, f"crossdistill: error: {one_line(message)} (see {self.prog} --help)\n")
+
+
+def _version() -> str:
+    from . import __version__
+
+    return f"crossdistill {__version__}"
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="crossdistill", description=__doc__.splitlines()[0])
+    p = _Parser(prog="crossdistill", description=__doc__.splitlines()[0])
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    p.add_argument("--version", action="version", version=_version())
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     t = sub.add_parser("train", help="train a student (or a teacher) from a YAML config")
@@ -41,6 +56,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     t.add_argument(
         "--resume", action="store_true", help="continue the run in --out from its last checkpoint"
+    )
+    t.add_argument(
+        "--allow-changed",
+        action="store_true",
+        help="with --resume: continue even though the config differs from the run's "
+        "config.yaml (refused otherwise, listing what changed)",
+    )
+    t.add_argument(
+        "--check",
+        action="store_true",
+        help="validate and build everything, run one training step on one batch, print a "
+        "one-line summary; writes no files",
     )
     t.add_argument(
         "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
@@ -71,8 +98,16 @@ def _parser() -> argparse.ArgumentParser:
         "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
     )
 
-    r = sub.add_parser("report", help="write RUN_DIR/report.html with plots and tables")
-    r.add_argument("run_dir")
+    r = sub.add_parser(
+        "report",
+        help="write an HTML report of one run (RUN_DIR/report.html) or compare several",
+    )
+    r.add_argument(
+        "run_dir", nargs="+", help="run directories (or a folder of runs) to report or compare"
+    )
+    r.add_argument(
+        "--out", help="HTML path (default RUN_DIR/report.html; several runs: their compare.html)"
+    )
     r.add_argument(
         "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
     )
@@ -112,8 +147,6 @@ def _launch(args, argv: list[str]) -> int:
     import os
     import subprocess
 
-    if args.nproc < 1:
-        raise ConfigError("--nproc", args.nproc, "must be >= 1")
     rest, skip = [], False
     for a in argv:
         if skip:
@@ -139,23 +172,82 @@ def _launch(args, argv: list[str]) -> int:
     )
 
 
+def _check_nproc(n: int) -> None:
+    """``--nproc`` between 1 and the CPU cores or GPUs here (each process needs one)."""
+    import os
+
+    import torch
+
+    most = max(os.cpu_count() or 1, torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    if not 1 <= n <= most:
+        raise ConfigError(
+            "--nproc", n, f"a number of processes from 1 to {most} (the CPU cores or GPUs here)"
+        )
+
+
+def _check_step(cfg) -> int:
+    """``train --check``: everything built and one optimiser step on one batch, in memory."""
+    import math
+
+    from .build import make_trainer
+
+    trainer = make_trainer(cfg, None)
+    trainer.cfg.progress = False
+    trainer.setup()
+    batch = next(iter(trainer.batches.epoch(0)))
+    out = trainer.train_step(batch, 0, 0, 1)
+    losses = {name: float(v.detach()) for name, v in out.losses.items()}
+    total = float(out.total.detach())
+    bad = [n for n, v in losses.items() if not math.isfinite(v)]
+    if bad or not math.isfinite(total):
+        field = f"terms.{bad[0]}" if bad else "terms"
+        raise ConfigError(field, losses.get(bad[0], total) if bad else total,
+                          "the first training step's loss is not finite; check the loss's "
+                          "hyper-parameters and weight, train.lr and the inputs")
+    d = trainer.distiller
+    student = sum(p.numel() for p in d.student.parameters())
+    teachers = sum(
+        p.numel() for t in d.teachers.values() if hasattr(t, "parameters") for p in t.parameters()
+    )
+    trainable = sum(p.numel() for p in d.parameters() if p.requires_grad)
+    extra = trainable - sum(p.numel() for p in d.student.parameters() if p.requires_grad)
+    terms = ", ".join(f"{n} {v:.4g}" for n, v in losses.items())
+    n = len(next(iter(batch.values())))
+    print(
+        f"check ok: student {student:,} params, teacher(s) {teachers:,}, projectors and loss "
+        f"modules {extra:,} trainable; one step on a batch of {n}: loss {total:.4g} ({terms}); "
+        "no files written"
+    )
+    return 0
+
+
 def cmd_train(args) -> int:
     import os
 
     from . import config as C
-    from .build import default_out_dir, make_trainer
+    from .build import make_trainer
+    from .rundir import check_out_dir, default_out_dir
 
-    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        return _launch(args, args.argv)
+    _check_nproc(args.nproc)
     cfg = C.load(args.config, args.overrides)
-    out = Path(args.out) if args.out else default_out_dir(cfg)
+    out = check_out_dir(args.out) if args.out else default_out_dir(cfg)
     if args.resume and not (out / "last.ckpt").is_file():
         raise ConfigError("--resume", str(out), "no last.ckpt in that run directory")
+    if args.check:  # everything a run would check, then one step; nothing written
+        return _check_step(cfg)
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return _launch(args, args.argv)  # config and --out checked once, here
+    if args.resume:  # before config.yaml is rewritten below
+        from .train.resume import check_run_config
+
+        check_run_config(out, cfg, args.allow_changed)
     trainer = make_trainer(cfg, out)
     if os.environ.get("RANK", "0") == "0":
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(C.dump(cfg))
-    res = trainer.fit(resume=args.resume)
+        from .train.metrics import write_atomic
+
+        write_atomic(out / "config.yaml", C.dump(cfg))
+    res = trainer.fit(resume=args.resume, allow_changed=args.allow_changed)
     if os.environ.get("RANK", "0") == "0":
         print(json.dumps(res, indent=2))
         print(f"run written to {out}")
@@ -170,7 +262,7 @@ def _run_config(run_dir: Path):
 
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError("run_dir", str(run_dir), "not a run directory (no config.yaml)")
-    return C.load(run_dir / "config.yaml")
+    return C.load(run_dir / "config.yaml", require_paths=False)  # its teacher may be gone
 
 
 def cmd_eval(args) -> int:
@@ -191,35 +283,24 @@ def cmd_eval(args) -> int:
 
 
 def cmd_export(args) -> int:
-    import shutil
+    from .export import export_run
 
-    from .build import load_splits, make_model
-    from .io import load_into
-
-    run = Path(args.run_dir)
-    cfg = _run_config(run)
-    src = run / "student.safetensors"
-    model = make_model(cfg.student, "student", load_splits(cfg)["train"], checkpoint=False)
-    load_into(model, src, "run_dir")  # checks the file matches the config's student
-    out = Path(args.out) if args.out else run / "export" / "student.safetensors"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(src, out)
-    if hasattr(model, "save_pretrained"):  # an HF student: also its own format
-        from .models.hf import export_hf
-
-        export_hf(model, str(out.with_suffix("")) + "_hf")
-        print(f"hugging face model: {str(out.with_suffix(''))}_hf (AutoModel.from_pretrained)")
-    spec = {
-        **cfg.student.model_dump(exclude_none=True, exclude={"checkpoint"}),
-        "data": cfg.data.name,
-    }
-    out.with_suffix(".json").write_text(json.dumps(spec, indent=2))
-    print(f"student weights: {out}\nmodel spec: {out.with_suffix('.json')}")
+    paths = export_run(args.run_dir, args.out)
+    if "hf" in paths:
+        print(f"hugging face model: {paths['hf']} (AutoModel.from_pretrained)")
+    print(f"student weights: {paths['weights']}")
+    print(f"model spec: {paths['spec']} (crossdistill.export.load_exported)")
     return 0
 
 
 def cmd_list(args) -> int:
     from . import registry
+
+    if args.kind == "config":  # the config reference (the README's section is this text)
+        from .reference import generate
+
+        print(generate(), end="")
+        return 0
 
     reg = {
         "losses": registry.LOSSES,
@@ -231,20 +312,74 @@ def cmd_list(args) -> int:
     }[args.kind]
     _import_all()
     for name in reg.names():
-        meta = reg.meta(name)
         if args.kind == "models":
-            from .models import create
-
-            m = create(name, num_classes=10)
-            print(
-                f"{name:12s} family={getattr(m, 'family', '?')} stages={m.stages} "
-                f"head={m.feature_path}"
-            )
-            print(f"{'':12s} taps: {', '.join(p for p, _ in m.named_modules() if p)}")
+            _list_model(name, reg.get(name))
             continue
-        desc = ", ".join(f"{k}={v}" for k, v in meta.items() if k not in ("name", "sizes"))
+        meta = {k: v for k, v in reg.meta(name).items() if v is not None}
+        head = meta.pop("paper", None) or meta.pop("description", None)
+        if head and "year" in meta:
+            head = f"{head} ({meta.pop('year')})"
+        rest = ", ".join(f"{k}={v}" for k, v in meta.items() if k not in ("name", "sizes"))
+        params = ", ".join(_show_param(k, v) for k, v in _hyper(reg.get(name), args.kind).items())
+        desc = "; ".join(x for x in (head, rest, params and f"params: {params}") if x)
         print(f"{name:14s} {desc}")
     return 0
+
+
+_REQUIRED = object()
+_INPUTS = {"y", "idx", "mask", "num_samples", "s", "t", "x", "split", "root", "student", "teacher"}
+
+
+def _show_param(name: str, default) -> str:
+    if default is _REQUIRED:
+        return f"{name} (required)"
+    if default is None:  # derived from the data or the models when not given
+        return f"{name} (optional)"
+    return f"{name}={default!r}"
+
+
+def _hyper(obj, kind: str) -> dict:
+    """The user-settable keyword arguments of a registered callable and their defaults,
+    from its signature (a class: its ``__init__``; a stateful loss: its ``__init__`` minus
+    the shapes it is built from)."""
+    import inspect
+
+    fn = obj.__init__ if inspect.isclass(obj) else obj
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return {}
+    out = {}
+    for n, p in sig.parameters.items():
+        if n == "self" or n in _INPUTS or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        if kind == "losses" and p.kind is not p.KEYWORD_ONLY:
+            continue  # losses take tensors positionally, hyper-parameters by keyword
+        if p.default is p.empty and p.kind is not p.KEYWORD_ONLY:
+            continue  # positional inputs (a model, shapes)
+        out[n] = _REQUIRED if p.default is p.empty else p.default
+    return out
+
+
+def _list_model(name: str, factory) -> None:
+    """A model's structure and taps, with the arguments it was built with: taps depend on
+    them (a depth-3 ViT has no ``blocks.5``)."""
+    from .models import create
+
+    built = {"num_classes": 10, **{k: v for k, v in _hyper(factory, "models").items()
+                                   if v is not _REQUIRED and k != "num_classes"}}
+    try:
+        m = create(name, num_classes=10)
+    except Exception as err:  # a model that needs arguments (e.g. a tokenizer's vocabulary)
+        print(f"{name:12s} (not built with defaults: {one_line(str(err), 120)})")
+        return
+    print(
+        f"{name:12s} family={getattr(m, 'family', '?')} stages={m.stages} "
+        f"head={m.feature_path}"
+    )
+    args = ", ".join(f"{k}={v!r}" for k, v in built.items())
+    print(f"{'':12s} built with: {args} (other arguments give other taps)")
+    print(f"{'':12s} taps: {', '.join(p for p, _ in m.named_modules() if p)}")
 
 
 def _import_all():
@@ -260,7 +395,7 @@ def _import_all():
 def cmd_report(args) -> int:
     from .report import write_report
 
-    path = write_report(args.run_dir)
+    path = write_report(args.run_dir, out=args.out)
     print(f"report written to {path}")
     return 0
 
@@ -289,16 +424,62 @@ def main(argv: list[str] | None = None) -> int:
     commands = dict(COMMANDS)
     for plugin in _plugins():
         commands.update(plugin.COMMANDS)
+    debug = getattr(args, "debug", False)
     try:
         return commands[args.cmd](args)
     except ConfigError as err:
-        if getattr(args, "debug", False):
+        if debug:
             raise
-        print(f"crossdistill: error: {err}", file=sys.stderr)
+        print(f"crossdistill: error: {one_line(str(err), 4000)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("crossdistill: interrupted; resume with --resume", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `crossdistill list models | head`: the reader left
+        _silence_stdout()
+        return 141
+    except MemoryError as err:
+        if debug:
+            raise
+        what = one_line(str(err), 200) or "an allocation failed"
+        print(
+            f"crossdistill: error: {args.cmd}: ran out of memory ({what}); this machine's RAM "
+            "does not hold the run: lower data.batch_size, the model or the data size",
+            file=sys.stderr,
+        )
+        return 2
+    except Exception as err:  # last resort: never a traceback for a user
+        if debug:
+            raise
+        if _is_cuda_oom(err):
+            print(
+                f"crossdistill: error: {args.cmd}: GPU memory ran out "
+                f"({one_line(str(err), 200)}); lower data.batch_size or the model size",
+                file=sys.stderr,
+            )
+            return 2
+        print(
+            f"crossdistill: internal error: {type(err).__name__}: {one_line(str(err), 500)} "
+            "(rerun with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush cannot fail again."""
+    import os
+
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def _is_cuda_oom(err: Exception) -> bool:
+    torch = sys.modules.get("torch")
+    oom = getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None)
+    return oom is not None and isinstance(err, oom)
 
 
 if __name__ == "__main__":

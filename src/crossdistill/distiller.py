@@ -25,7 +25,7 @@ from .adapters import ModelIO, select
 from .context import Context, masked_mean
 from .errors import ConfigError
 from .registry import LOSSES
-from .taps import LOGITS, OUTPUT, Capture, Tap
+from .taps import LOGITS, OUTPUT, Capture, Tap, resolve
 
 TapSpec = str | Tap | Sequence[str | Tap]
 
@@ -84,6 +84,7 @@ class Term:
         self.teacher_model = teacher_model
         self.params = params
         self.name = name or loss
+        self.field = f"terms.{self.name}"  # where errors point; the config sets terms.<i>
         self.label_only = label_only
         self._check_params()
         # losses that need a label per position (ce, dkd) average over the labelled ones
@@ -93,17 +94,26 @@ class Term:
         )
 
     def _check_params(self) -> None:
-        sig = inspect.signature(self.fn.__init__ if self.stateful else self.fn)
-        accepted = {n for n, p in sig.parameters.items() if p.kind == p.KEYWORD_ONLY}
-        accepted -= {"y", "idx", "mask", "num_samples"}
-        for k in self.params:
-            if k not in accepted:
-                raise ConfigError(
-                    f"terms.{self.name}.{k}",
-                    self.params[k],
-                    f"unknown parameter of loss {self.loss!r}; "
-                    f"allowed: {', '.join(sorted(accepted)) or 'none'}",
-                )
+        """The loss's hyper-parameters (and a named projector's) against their signatures:
+        names, types, ranges (:mod:`crossdistill.schema`), before anything is built."""
+        from . import schema
+        from .registry import PROJECTORS
+
+        field = f"terms.{self.name}"
+        if self.teacher == [] and not self.label_only and not schema.teacher_optional(self.fn):
+            raise ConfigError(
+                f"{field}.teacher", None, f"loss {self.loss!r} compares the student with a "
+                "teacher tap; give one (default: logits) or use a label-only loss such as ce"
+            )
+        self.params = schema.check(
+            self.fn, self.params, field, f"loss {self.loss!r}",
+            skip=("y", "idx", "mask", "num_samples"), positional=2,
+        )
+        if self.projector_params and isinstance(self.projector, str) and self.projector != "auto":
+            self.projector_params = schema.check(
+                PROJECTORS.get(self.projector, f"{field}.projector"), self.projector_params,
+                f"{field}.projector_params", f"projector {self.projector!r}", positional=2,
+            )
 
     def weight_at(self, epoch: float) -> float:
         if self.warmup <= 0:
@@ -120,7 +130,7 @@ class Term:
         if self.needs_labels and ctx.y is not None and ctx.y.shape == value.shape:
             labelled = ctx.y != -100
             valid = labelled if valid is None else valid & labelled
-        return masked_mean(value, valid, f"terms.{self.name}")
+        return masked_mean(value, valid, self.field)
 
     def __repr__(self) -> str:
         t = [str(x) for x in self.teacher] or "labels"
@@ -136,6 +146,24 @@ class Output:
     losses: dict[str, torch.Tensor] = field(default_factory=dict)
     total: torch.Tensor | None = None
     batch: Mapping | None = None
+
+
+def _first_call(io: ModelIO, model: nn.Module, batch: Mapping, **flags):
+    """The dry run's call: a model that cannot take the data (inputs it has no argument for,
+    a channel or size mismatch) fails here, before training, as one line naming its field."""
+    try:
+        return io.call(model, batch, **flags)
+    except ConfigError:
+        raise
+    except (TypeError, RuntimeError, ValueError, IndexError, KeyError) as err:
+        text = (str(err).strip().splitlines() or [""])[0][:300]
+        shapes = {k: tuple(v.shape) for k, v in batch.items() if torch.is_tensor(v)}
+        raise ConfigError(
+            io.field,
+            type(model).__name__,
+            f"cannot run on the data's first batch {shapes} ({type(err).__name__}: {text}); "
+            f"check its inputs (adapter), sizes (img_size, in_channels) and the data",
+        ) from None
 
 
 def _freeze(model: nn.Module) -> nn.Module:
@@ -215,7 +243,7 @@ class Distiller(nn.Module):
         self.epoch = 0.0  # fractional epoch (term warm-ups, schedules); see set_progress
         self.total_epochs = 1
         self._warned_progress = False
-        self.last_losses: dict[str, float] = {}
+        self._last_losses: dict[str, torch.Tensor] = {}
         self.hooks = list(hooks)
         self.prepare = nn.ModuleList([_prepare_stage(p) for p in prepare])
         self._calls = 0  # forwards since the last set_progress (gradient accumulation)
@@ -226,10 +254,11 @@ class Distiller(nn.Module):
         self._ctx: dict[str, set[str]] = {}
         self._s_out = _output_taps(self.terms, "student")
         self._s_flags = _output_flags(student, self._s_out)  # asked once, not per step
-        self._s_cap = self._student_capture()
         for t in self.terms:
             if t.teacher:
                 self._teacher_of(t)  # every teacher-side term names a teacher that exists
+        self._check_taps()
+        self._s_cap = self._student_capture()
         self._t_caps: dict[str, Capture | dict[str, Tap]] = {}
         self._t_out: dict[str, dict[str, Tap]] = {}
         self._t_flags: dict[str, dict] = {}
@@ -255,9 +284,30 @@ class Distiller(nn.Module):
             else:
                 hooked = self._tap_map(terms_here, "teacher")
                 self._t_caps[name] = Capture(model, hooked, "teacher tap")
+        # (name, is a store, must run) per teacher, asked once: getattr on a module is slow
+        self._t_plan = [
+            (n, _is_store(m), _is_store(m) or self._needs_call(n)) for n, m in self.teachers.items()
+        ]
+        self._plan: list[tuple] = []  # per term, resolved by build (see _make_plan)
+        self._step_modules: list[nn.Module] = []
         self.built = False
 
     # -- construction -------------------------------------------------------------------
+    def _check_taps(self) -> None:
+        """Every hooked tap resolves to a module, or fails naming its term's field
+        (``terms.1.student``) and the nearest valid paths."""
+        for t in self.terms:
+            sides = [("student", self.student)]
+            owner = self._teacher_of(t) if t.teacher else None
+            if owner in self.teachers:  # (a mixture's signals are not hooked)
+                sides.append(("teacher", self.teachers[owner]))
+            for side, model in sides:
+                if getattr(model, "is_store", False):
+                    continue
+                for tap in getattr(t, side):
+                    if str(tap) != LOGITS and tap.path != OUTPUT:
+                        resolve(model, tap, f"{getattr(t, 'field', t.name)}.{side}")
+
     @staticmethod
     def _tap_map(terms, side: str, hooked: bool = True) -> dict[str, Tap]:
         """Taps of one side; ``hooked``: only those a forward hook captures (not the logits,
@@ -277,7 +327,7 @@ class Distiller(nn.Module):
     def _teacher_of(self, term: Term) -> str:
         if not self.teachers:
             raise ConfigError(
-                f"terms.{term.name}.teacher",
+                f"{term.field}.teacher",
                 str(term.teacher[0]),
                 "this term needs a teacher, but the distiller has none",
             )
@@ -287,7 +337,7 @@ class Distiller(nn.Module):
         if term.teacher_model is not None and term.teacher_model == mix:
             if [str(t) for t in term.teacher] != [LOGITS]:
                 raise ConfigError(
-                    f"terms.{term.name}.teacher",
+                    f"{term.field}.teacher",
                     [str(t) for t in term.teacher],
                     "a mixture provides only 'logits'; tap one teacher by name "
                     "(teacher_model) for features",
@@ -296,14 +346,14 @@ class Distiller(nn.Module):
         if term.teacher_model is None:
             if len(self.teachers) > 1:
                 raise ConfigError(
-                    f"terms.{term.name}.teacher_model",
+                    f"{term.field}.teacher_model",
                     None,
                     f"choose one of {', '.join(self.teachers)}",
                 )
             return next(iter(self.teachers))
         if term.teacher_model not in self.teachers:
             raise ConfigError(
-                f"terms.{term.name}.teacher_model",
+                f"{term.field}.teacher_model",
                 term.teacher_model,
                 f"allowed: {', '.join([*self.teachers, *([mix] if mix else [])])}",
             )
@@ -332,7 +382,7 @@ class Distiller(nn.Module):
             if term.projector:
                 if term.multi or len(t) != 1:
                     raise ConfigError(
-                        f"terms.{term.name}.projector",
+                        f"{term.field}.projector",
                         term.projector,
                         "projectors bridge one student tap to one teacher tap",
                     )
@@ -343,7 +393,7 @@ class Distiller(nn.Module):
                         term.projector,
                         _shape(s[0]),
                         _shape(t[0]),
-                        f"terms.{term.name}.projector",
+                        f"{term.field}.projector",
                         **term.projector_params,
                     )
                 self.projectors[term.name] = proj.to(device)
@@ -359,8 +409,24 @@ class Distiller(nn.Module):
                 self._ctx[term.name] = {k for k in ("y", "idx", "mask") if k in params}
                 self._score(term, s, t, batch, self.context(batch))  # fail now on bad shapes
         self.train(self.training)
+        self._make_plan()
         self.built = True
         return self
+
+    def _make_plan(self) -> None:
+        """What each step needs, resolved once after a build rather than on every step: per
+        term its tap keys and projector; the loss modules and projectors with ``on_step``."""
+        self._plan = [
+            (
+                term,
+                [str(tap) for tap in term.student],
+                [(self._teacher_of(term), str(tap)) for tap in term.teacher],
+                self.projectors[term.name] if term.name in self.projectors else None,
+            )
+            for term in self.terms
+        ]
+        mods = [*self.loss_modules.values(), *self.projectors.values()]
+        self._step_modules = [m for m in mods if hasattr(m, "on_step")]
 
     # -- the step -----------------------------------------------------------------------
     def run_model(
@@ -369,13 +435,17 @@ class Distiller(nn.Module):
         """Call one model through its adapter with its hooks armed (``flags``: the HF output
         flags its ``output.*`` taps need); returns its tap values (``"logits"`` = the
         adapter's logits, class axis last)."""
-        cap.clear()
-        cap.active = True
-        try:
-            out = io.call(model, batch, **flags)
-        finally:
-            cap.active = False
-        vals = {k: cap.get(k) for k in cap.taps}
+        call = _first_call if check else ModelIO.call
+        if cap.taps:
+            cap.clear()
+            cap.active = True
+            try:
+                out = call(io, model, batch, **flags)
+            finally:
+                cap.active = False
+            vals = {k: cap.get(k) for k in cap.taps}
+        else:  # no hook to arm (the logits come from the adapter)
+            out, vals = call(io, model, batch, **flags), {}
         vals[LOGITS] = io.check(out) if check else io.logits(out)
         for key, tap in out_taps.items():
             v = select(out, tap.select, f"{io.field} tap {key!r}")
@@ -405,15 +475,15 @@ class Distiller(nn.Module):
         """Every teacher tap's value for ``batch``, keyed ``(teacher name, tap)``: run online
         (frozen, no grad) through its adapter, or looked up by ``batch["idx"]`` in a store."""
         out = {}
-        device = next(iter(batch.values())).device
-        for name, model in self.teachers.items():
-            cap = self._t_caps[name]
-            if getattr(model, "is_store", False):
+        for name, store, needed in self._t_plan:
+            if not needed:
+                continue
+            model, cap = self.teachers[name], self._t_caps[name]
+            if store:
                 if "idx" not in batch:
                     raise ConfigError("batch", sorted(batch), "a teacher store needs batch['idx']")
+                device = next(iter(batch.values())).device
                 out.update({(name, k): model.lookup(batch["idx"], k).to(device) for k in cap})
-                continue
-            if not self._needs_call(name):
                 continue
             vals, _ = self.run_model(
                 model,
@@ -450,13 +520,14 @@ class Distiller(nn.Module):
         return aux
 
     def _score(self, term: Term, s: list, t: list, batch, ctx: Context) -> torch.Tensor:
-        one = lambda xs: xs if term.multi else (xs[0] if xs else None)  # noqa: E731
+        if not term.multi:
+            s, t = s[0], (t[0] if t else None)
         if term.stateful:
             mod = self.loss_modules[term.name]
             extra = {"mask": ctx.mask} if getattr(mod, "takes_mask", False) else {}
-            return term.reduce(mod(one(s), one(t), y=ctx.y, idx=ctx.idx, **extra), ctx)
+            return term.reduce(mod(s, t, y=ctx.y, idx=ctx.idx, **extra), ctx)
         kwargs = {k: getattr(ctx, k) for k in self._ctx[term.name]}
-        return term.reduce(term.fn(one(s), one(t), **kwargs, **term.params), ctx)
+        return term.reduce(term.fn(s, t, **kwargs, **term.params), ctx)
 
     # -- progress, for the trainer or your own loop ---------------------------------------
     def set_progress(
@@ -470,11 +541,17 @@ class Distiller(nn.Module):
         """Where training stands: optimiser ``step`` of ``total_steps``. Term warm-ups count
         in epochs of ``steps_per_epoch`` steps (default: the whole run is one epoch);
         ``epoch`` gives the fractional epoch directly (the Trainer passes it per micro-batch)."""
-        self.step, self.total_steps = int(step), int(total_steps)
-        self.steps_per_epoch = steps_per_epoch or self.total_steps
-        self.epoch = self.step / max(self.steps_per_epoch, 1) if epoch is None else float(epoch)
-        self.total_epochs = max(1, round(self.total_steps / max(self.steps_per_epoch, 1)))
-        self._calls = 0
+        step, total_steps = int(step), int(total_steps)
+        per = max(steps_per_epoch or total_steps, 1)
+        # plain attributes, set past nn.Module.__setattr__ (it costs ~1 us each, per step)
+        self.__dict__.update(
+            step=step,
+            total_steps=total_steps,
+            steps_per_epoch=steps_per_epoch or total_steps,
+            epoch=step / per if epoch is None else float(epoch),
+            total_epochs=max(1, round(total_steps / per)),
+            _calls=0,
+        )
 
     def _check_progress(self) -> None:
         if self.total_steps is None and not self._warned_progress:
@@ -531,33 +608,39 @@ class Distiller(nn.Module):
     def forward(self, batch: Mapping) -> Output:
         if not self.built:
             self.build(batch)
-        self._check_progress()
+        if not self._warned_progress:
+            self._check_progress()
         batch = self.prepare_batch(batch)
         ctx = self.context(batch)
         s_vals, t_vals = self._capture(batch)
         aux = self._mix(t_vals, batch)
-        losses, total = {}, 0.0
+        losses, total = {}, None
         if aux is not None and self.training:
-            losses["mixture_router"] = aux
-            total = total + aux
-        for term in self.terms:
-            s = [s_vals[str(tap)] for tap in term.student]
-            t = [t_vals[(self._teacher_of(term), str(tap))] for tap in term.teacher]
-            if term.name in self.projectors:
-                s = [self.projectors[term.name](s[0])]
-            value = self._score(term, s, t, batch, ctx)
-            losses[term.name] = value
-            total = total + term.weight_at(self.epoch) * value
+            losses["mixture_router"] = total = aux
+        epoch = self.epoch
+        for term, s_keys, t_keys, proj in self._plan:
+            s = [s_vals[k] for k in s_keys]
+            t = [t_vals[k] for k in t_keys]
+            if proj is not None:
+                s = [proj(s[0])]
+            value = losses[term.name] = self._score(term, s, t, batch, ctx)
+            w = term.weight_at(epoch)
+            part = value if w == 1.0 else w * value  # x * 1.0 is x: same numbers, one op less
+            total = part if total is None else total + part
         if self.training:
-            self.last_losses = {k: v.detach() for k, v in losses.items()}
+            self.__dict__["_last_losses"] = losses  # detached only when read
         return Output(logits=s_vals[None], losses=losses, total=total, batch=batch)
+
+    @property
+    def last_losses(self) -> dict[str, torch.Tensor]:
+        """Each term's loss in the last training forward, detached (for hooks and tests)."""
+        return {k: v.detach() for k, v in self._last_losses.items()}
 
     def on_step(self) -> None:
         """Called by the trainer after every optimiser step: methods' schedules (e.g. TAID's
         adaptive interpolation) live in loss modules' or recipes' ``on_step(distiller)``."""
-        for mod in list(self.loss_modules.values()) + list(self.projectors.values()):
-            if hasattr(mod, "on_step"):
-                mod.on_step(self)
+        for mod in self._step_modules:
+            mod.on_step(self)
         for hook in self.hooks:
             hook(self)
 
@@ -638,6 +721,10 @@ def _prepare_stage(spec):
     from .prepare import build_stage
 
     return build_stage(spec)
+
+
+def _is_store(model) -> bool:
+    return bool(getattr(model, "is_store", False))
 
 
 def _output_taps(terms, side: str) -> dict[str, Tap]:

@@ -2,13 +2,44 @@
 
 The CLI turns a :class:`ConfigError` into one line and exit code 2; the message always
 names the field, the bad value and what is allowed, so a user can fix it without reading
-a traceback.
+a traceback. Shown values are capped (:func:`show`) and every message is one line, so a
+50 MB value or an alias bomb never floods the terminal.
 """
 
 from __future__ import annotations
 
 import difflib
+import reprlib
 from collections.abc import Iterable
+
+MAX_VALUE_CHARS = 200  # a shown value is cut here, with its full length noted
+MAX_TEXT_CHARS = 2000  # field and "allowed" texts (registry listings can be long)
+
+_repr = reprlib.Repr()  # bounded work too: at most 12 items a level, 3 levels, 60-char leaves
+_repr.maxlevel, _repr.maxstring, _repr.maxother = 3, 60, 60
+_repr.maxlist = _repr.maxtuple = _repr.maxdict = _repr.maxset = _repr.maxfrozenset = 12
+
+
+def one_line(text: str, limit: int = MAX_TEXT_CHARS) -> str:
+    """``text`` with newlines escaped and cut to ``limit`` characters."""
+    text = str(text).replace("\r", "\\r").replace("\n", "\\n")
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} chars)"
+
+
+def show(value, limit: int = MAX_VALUE_CHARS) -> str:
+    """A bounded, one-line ``repr`` of ``value``: long strings are cut with their length,
+    containers show their first items (``reprlib``), never the whole object."""
+    if isinstance(value, (str, bytes)):
+        if len(value) > limit:
+            return f"{one_line(repr(value[:limit]), 4 * limit)}... ({len(value)} chars)"
+        return one_line(repr(value), 4 * limit + 3)
+    try:
+        text = _repr.repr(value)
+    except Exception:  # a broken __repr__ must not hide the real error
+        text = f"<{type(value).__name__}>"
+    if isinstance(value, (list, tuple, dict, set)) and len(text) > limit:
+        return f"{one_line(text, limit)[:limit]}... ({len(value)} items)"
+    return one_line(text, limit)
 
 
 class ConfigError(ValueError):
@@ -16,7 +47,7 @@ class ConfigError(ValueError):
 
     def __init__(self, field: str, value, allowed: str):
         self.field, self.value, self.allowed = field, value, allowed
-        super().__init__(f"{field}: got {value!r}; {allowed}")
+        super().__init__(f"{one_line(field, 300)}: got {show(value)}; {one_line(allowed)}")
 
 
 def nearest(name: str, options: Iterable[str], n: int = 5) -> list[str]:

@@ -13,12 +13,37 @@ from safetensors.torch import load_file, save_file
 from .errors import ConfigError
 
 
+def _umask() -> int:
+    """The process umask (read without changing it where /proc allows)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """0666 less the umask: the mode ``open()`` gives a new file."""
+    return 0o666 & ~_umask()
+
+
 def atomic_path(path: str | os.PathLike):
-    """A temp file beside ``path``; ``os.replace`` it into place once fully written."""
+    """A temp file beside ``path``; ``os.replace`` it into place once fully written.
+
+    ``mkstemp`` creates it 0600; it gets the mode a plain ``open`` would give (0666 less
+    the umask), so weights and checkpoints are readable like any other file the user writes.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    try:
+        os.fchmod(fd, file_mode())
+    finally:
+        os.close(fd)
     return Path(tmp)
 
 
@@ -30,6 +55,7 @@ def save_weights(
     tmp = atomic_path(path)
     try:
         save_file(tensors, str(tmp), metadata=metadata)
+        os.chmod(tmp, file_mode())  # safetensors re-creates the file 0600
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -39,11 +65,13 @@ def save_weights(
 def load_weights(path: str | os.PathLike, field: str = "checkpoint") -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(field, str(path), "file not found; give a .safetensors file")
+        what = "is a directory" if path.is_dir() else "file not found"
+        raise ConfigError(field, str(path), f"{what}; give a .safetensors file")
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise ConfigError(field, str(path), f"not a readable safetensors file ({err})") from None
+        why = str(err).removeprefix("Error while deserializing header: ")
+        raise ConfigError(field, str(path), f"not a readable safetensors file ({why})") from None
 
 
 def load_into(model: torch.nn.Module, path: str | os.PathLike, field: str = "checkpoint") -> None:

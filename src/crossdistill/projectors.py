@@ -16,6 +16,7 @@ from torch import nn
 
 from .errors import ConfigError
 from .registry import PROJECTORS
+from .schema import Width
 
 Shape = tuple[int, ...]
 
@@ -88,7 +89,7 @@ class Linear(nn.Module):
 class MLP(nn.Module):
     """Two-layer MLP on the last dim (flattening everything else per sample)."""
 
-    def __init__(self, s_shape: Shape, t_shape: Shape, hidden: int | None = None):
+    def __init__(self, s_shape: Shape, t_shape: Shape, hidden: Width | None = None):
         super().__init__()
         d_in, d_out = math.prod(s_shape), math.prod(t_shape)
         hidden = hidden or max(d_out, 64)

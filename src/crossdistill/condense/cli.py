@@ -23,7 +23,6 @@ table.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 from pathlib import Path
 
@@ -32,12 +31,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ..config import _Strict
 from ..errors import ConfigError
+from ..schema import MAX_SEED, pydantic_error
 
 
 class DataSpec(_Strict):
     name: str = "digits"
     root: str | None = None
-    img_size: int | None = None
+    img_size: int | None = Field(None, ge=4, le=1024)
 
     @field_validator("name")
     @classmethod
@@ -50,9 +50,9 @@ class DataSpec(_Strict):
 
 class EvalSpec(_Strict):
     archs: list[str] = Field(default_factory=lambda: ["convnet", "mlp"])
-    n_models: int = Field(5, ge=1)
-    steps: int | None = Field(None, ge=1)
-    seed: int = 0
+    n_models: int = Field(5, ge=1, le=100)
+    steps: int | None = Field(None, ge=1, le=10**7)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
 
     @field_validator("archs")
     @classmethod
@@ -69,12 +69,12 @@ class EvalSpec(_Strict):
 class CondenseConfig(BaseModel):
     """A condensation run. Unknown top-level keys are the method's hyper-parameters."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
     method: str
-    ipc: int = Field(10, ge=1)
+    ipc: int = Field(10, ge=1, le=10_000)
     data: DataSpec = DataSpec()
-    iterations: int = Field(200, ge=0)
-    seed: int = 0
+    iterations: int = Field(200, ge=0, le=10**7)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     device: str = "cpu"
     out_dir: str | None = None
     hyper: dict = Field(default_factory=dict)
@@ -93,26 +93,13 @@ class CondenseConfig(BaseModel):
 
 
 def _pyd_error(err: ValidationError) -> ConfigError:
-    e = err.errors()[0]
-    field = ".".join(str(p) for p in e["loc"]) or "config"
-    ctx = e.get("ctx") or {}
-    if isinstance(ctx.get("error"), ConfigError):
-        inner = ctx["error"]
-        return ConfigError(field, inner.value, inner.allowed)
-    msg = e["msg"].replace("Value error, ", "")
-    if e["type"] == "extra_forbidden":
-        msg = "unknown setting; check the spelling"
-    return ConfigError(field, e.get("input"), msg)
+    return pydantic_error(err)
 
 
 def load_config(path: str | Path) -> CondenseConfig:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError("config", str(path), "file not found")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError("config", str(path), f"not valid YAML ({err})") from None
+    from ..yamlfile import read_yaml  # strict: UTF-8, size, depth, aliases, duplicate keys
+
+    raw = read_yaml(Path(path), "config") or {}
     return validate(raw)
 
 
@@ -130,31 +117,20 @@ def validate(raw) -> CondenseConfig:
         raise _pyd_error(err) from None
 
 
-def _accepted(cls) -> set[str] | None:
-    """Keyword names the condenser accepts (walks the **kw chain); None = anything."""
-    names: set[str] = set()
-    for k in cls.__mro__:
-        init = k.__dict__.get("__init__")
-        if init is None:
-            continue
-        params = inspect.signature(init).parameters
-        names |= {n for n, p in params.items() if p.kind is p.KEYWORD_ONLY}
-        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-            return names
-    return names
+FIXED = ("ipc", "num_classes", "input_shape", "device", "seed", "iterations")  # the harness's
 
 
-def check_hyper(method: str, hyper: dict) -> None:
+def check_hyper(method: str, hyper: dict, field: str = "") -> dict:
+    """The method's hyper-parameters checked against its constructors' signatures (the
+    ``**kw`` chain walked): names, types, ranges; returns them coerced."""
     from ..registry import CONDENSERS
+    from ..schema import check
 
-    ok = _accepted(CONDENSERS.get(method, "method"))
-    fixed = {"ipc", "num_classes", "input_shape", "device", "seed", "iterations"}
+    cls = CONDENSERS.get(method, "method")
     for k in hyper:
-        if k in fixed or (ok is not None and k not in ok):
-            allowed = sorted((ok or set()) - fixed)
-            raise ConfigError(
-                k, hyper[k], f"not a hyper-parameter of {method}; allowed: {', '.join(allowed)}"
-            )
+        if k in FIXED:
+            raise ConfigError(k, hyper[k], f"set {k} at the top level of the config, not here")
+    return check(cls, hyper, field, f"condenser {method!r}", skip=FIXED)
 
 
 def add_parsers(sub) -> None:
@@ -206,15 +182,19 @@ def add_parsers(sub) -> None:
 
 
 def cmd_condense(args) -> int:
+    from ..resources import check_device
     from . import harness as H
 
     cfg = load_config(args.config)
-    hyper = cfg.method_hyper()
-    check_hyper(cfg.method, hyper)
-    out = Path(
+    hyper = check_hyper(cfg.method, cfg.method_hyper())
+    check_device(cfg.device, "device")
+    from ..rundir import check_out_dir
+
+    out = check_out_dir(
         args.out
         or cfg.out_dir
-        or f"runs/condense_{cfg.method.replace('+', '_')}_{cfg.data.name}_ipc{cfg.ipc}"
+        or f"runs/condense_{cfg.method.replace('+', '_')}_{cfg.data.name}_ipc{cfg.ipc}",
+        "--out" if args.out else "out_dir",
     )
     train = H.load_splits(cfg.data.name, cfg.data.root, cfg.data.img_size)[0]
     syn = H.synthesize(

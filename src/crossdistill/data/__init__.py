@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ..registry import DATASETS
+from ..schema import Count, Seed
 from . import sources
 from .dataset import IGNORE_INDEX, KINDS, Batches, Dataset
 from .splits import stratified_split
@@ -51,7 +52,8 @@ def _digits(root=None):
 
 @DATASETS.register(
     "mnist",
-    description="MNIST from IDX files (default ../shared/data/mnist-t10k)",
+    description="MNIST from IDX files (default $CROSSDISTILL_DATA/mnist-t10k, else "
+    "../shared/data/mnist-t10k relative to the project)",
     sizes={"train": 6000, "val": 2000, "test": 2000},
 )
 def _mnist(root=None):
@@ -175,7 +177,13 @@ def _canvas(split, root=None, split_seed=0, n=None, **params):
     splits=True,
     task="classification",
 )
-def _av(split, root=None, split_seed=0, limit=None, **params):
+def _av(
+    split,
+    root: str | None = None,
+    split_seed: Seed = 0,
+    limit: Count | dict[str, Count] | None = None,
+    **params,
+):
     from .av import paired_av
 
     data = paired_av(split, mnist_root=root, seed=split_seed, **params)

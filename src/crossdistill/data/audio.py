@@ -23,6 +23,41 @@ from ..errors import ConfigError
 LOG_EPS = 1e-6  # floor of the mel power before the log: silence maps to log(1e-6) ~ -13.8
 
 
+WAV_FORMATS = {2: "ADPCM", 3: "IEEE float", 6: "A-law", 7: "mu-law", 0xFFFE: "extensible"}
+
+
+def _check_riff(path: Path, field: str) -> None:
+    """The 12-byte RIFF/WAVE preamble, checked before ``wave`` (whose errors are terse)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(12)
+    except FileNotFoundError:
+        raise ConfigError(field, str(path), "no such file") from None
+    except OSError as err:
+        raise ConfigError(field, str(path), f"cannot read it ({err.strerror})") from None
+    if len(head) < 12:
+        raise ConfigError(
+            field, str(path), f"truncated: {len(head)} bytes, shorter than a WAV header"
+        )
+    if head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        raise ConfigError(
+            field, str(path), f"not a WAV file: it starts {head[:4]!r}...{head[8:12]!r}, "
+            "a WAV file starts b'RIFF'...b'WAVE'"
+        )
+
+
+def _wav_problem(e: Exception) -> str:
+    text = str(e)
+    if text.startswith("unknown format: "):
+        code = int(text.split(":")[1])
+        name = WAV_FORMATS.get(code, "unknown")
+        return f"unsupported WAV format {code} ({name}); only integer PCM (format 1) is read"
+    if isinstance(e, EOFError):
+        return "truncated WAV file (a chunk ends early)"
+    why = f"{type(e).__name__}: {e}" if text else type(e).__name__
+    return f"not a readable PCM WAV file ({why})"
+
+
 def read_wav(path, sample_rate: int | None = 8000, field: str = "data.audio") -> torch.Tensor:
     """The samples of a PCM WAV file as a float32 tensor ``(T,)`` in [-1, 1] (channels are
     averaged to mono).
@@ -31,6 +66,7 @@ def read_wav(path, sample_rate: int | None = 8000, field: str = "data.audio") ->
     the mel bins would be wrong. ``sample_rate=None`` accepts any rate.
     """
     path = Path(path)
+    _check_riff(path, field)
     try:
         with wave.open(str(path), "rb") as w:
             channels, width, rate, n = (
@@ -43,8 +79,7 @@ def read_wav(path, sample_rate: int | None = 8000, field: str = "data.audio") ->
     except FileNotFoundError:
         raise ConfigError(field, str(path), "no such file") from None
     except Exception as e:  # corrupt headers raise wave.Error, EOFError, RuntimeError, ...
-        why = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-        raise ConfigError(field, str(path), f"not a readable PCM WAV file ({why})") from None
+        raise ConfigError(field, str(path), _wav_problem(e)) from None
     if sample_rate is not None and rate != sample_rate:
         raise ConfigError(
             field,

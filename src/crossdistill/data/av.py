@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError
+from ..schema import Width
 from .audio import log_mels, read_wav
 from .dataset import Dataset
 
@@ -45,7 +46,15 @@ _NAME = re.compile(r"^(\d)_([A-Za-z0-9-]+)_(\d+)\.wav$")
 def find_fsdd_root(root: str | None = None) -> Path:
     """The directory holding ``{digit}_{speaker}_{index}.wav`` (``root`` itself or its
     ``recordings/`` subfolder, as in the FSDD repository)."""
-    candidates = [root] if root else [os.path.expandvars(r) for r in FSDD_DEFAULT_ROOTS]
+    from .sources import PROJECT
+
+    defaults = [Path(os.path.expandvars(r)) for r in FSDD_DEFAULT_ROOTS]
+    candidates = (
+        [root]
+        if root
+        else [str(p if p.is_absolute() else (PROJECT / p).resolve()) for p in defaults
+              if "$" not in str(p)]
+    )
     for c in candidates:
         for p in (Path(c), Path(c) / "recordings"):
             if p.is_dir() and any(_NAME.match(f.name) for f in p.iterdir()):
@@ -110,8 +119,8 @@ def paired_av(
     mnist_root: str | None = None,
     fsdd_root: str | None = None,
     seed: int = 0,
-    n_mels: int = 40,
-    frames: int = 48,
+    n_mels: Width = 40,
+    frames: Width = 48,
     audio_norm: str = "utterance",
 ) -> Dataset:
     """The AV-MNIST-style split ``split``: keys ``image`` (N, 1, 28, 28), ``audio``

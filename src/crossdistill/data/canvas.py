@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import ConfigError
+from ..schema import Depth, ImgSize, Prob
 from .dataset import Dataset
 
 NUM_CLASSES = 11  # background + digits 0..9
@@ -84,10 +85,10 @@ def canvas_dataset(
     n: int,
     *,
     root: str | None = None,
-    size: int = 64,
-    max_digits: int = 4,
+    size: ImgSize = 64,
+    max_digits: Depth = 4,
     seed: int = 0,
-    threshold: float = 0.5,
+    threshold: Prob = 0.5,
     normalize: bool = True,
 ) -> Dataset:
     """``n`` canvases from the digits of MNIST split ``split``: keys ``image`` (kind image),

@@ -13,6 +13,7 @@ import hashlib
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..schema import Count, Width
 
 KINDS = ("bpe", "char")
 
@@ -39,8 +40,8 @@ def shakespeare_split(
     *,
     root: str | None = None,
     tokenizer: str = "bpe",
-    vocab_size: int = 512,
-    block: int = 64,
+    vocab_size: Count = 512,
+    block: Width = 64,
     max_chars: int | None = None,
     cache_dir: str = "runs/cache/tokenizers",
 ):

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..registry import LOSSES
+from ..schema import Count, Prob, Temperature, Width
 from .features import _no_autocast
 
 
@@ -89,10 +90,10 @@ class CRDLoss(nn.Module):
         t_shape: tuple,
         *,
         num_samples: int,
-        embed_dim: int = 128,
-        num_negatives: int = 16384,
-        temperature: float = 0.07,
-        momentum: float = 0.5,
+        embed_dim: Width = 128,
+        num_negatives: Count = 16384,
+        temperature: Temperature = 0.07,
+        momentum: Prob = 0.5,
     ):
         super().__init__()
         _check_ctor(num_samples, embed_dim, temperature, momentum)

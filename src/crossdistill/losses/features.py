@@ -19,6 +19,7 @@ from torch import Tensor
 
 from ..errors import ConfigError
 from ..registry import LOSSES
+from ..schema import NonNeg, Pos
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -104,7 +105,7 @@ def l1(s: Tensor, t: Tensor) -> Tensor:
 
 
 @LOSSES.register("smooth_l1", paper="Fast R-CNN", year=2015, inputs="features", default_weight=1.0)
-def smooth_l1(s: Tensor, t: Tensor, *, beta: float = 1.0) -> Tensor:
+def smooth_l1(s: Tensor, t: Tensor, *, beta: NonNeg = 1.0) -> Tensor:
     """Smooth L1 / Huber (Ross Girshick, Fast R-CNN, 2015), mean over elements.
 
     Per element ``0.5 d^2 / beta`` if ``|d| < beta`` else ``|d| - 0.5 beta`` with ``d = s - t``:
@@ -144,7 +145,7 @@ def _attention(f: Tensor, p: float) -> Tensor:
     inputs="features",
     default_weight=1000.0,
 )
-def at(s: Tensor, t: Tensor, *, p: float = 2.0) -> Tensor:
+def at(s: Tensor, t: Tensor, *, p: Pos = 2.0) -> Tensor:
     """Attention transfer (Sergey Zagoruyko, Nikos Komodakis, ICLR 2017).
 
     With ``a(F) = v / ||v||_2``, ``v = vec( 1/C sum_c |F_c|^p )``, the loss is

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from .. import projectors as P
 from ..errors import ConfigError
 from ..registry import LOSSES, PROJECTORS
+from ..schema import Depth, NonNeg, Pos, Prob, Temperature
 from .features import _upcast
 from .logits import _check_logits, _check_temperature
 
@@ -49,7 +50,12 @@ def _target_mask(s: Tensor, y: Tensor | None) -> Tensor:
     default_weight=1.0,
 )
 def ofa(
-    s: Tensor, t: Tensor, *, y: Tensor | None = None, gamma: float = 1.0, temperature: float = 1.0
+    s: Tensor,
+    t: Tensor,
+    *,
+    y: Tensor | None = None,
+    gamma: NonNeg = 1.0,
+    temperature: Temperature = 1.0,
 ) -> Tensor:
     """OFA loss (Hao et al., "One-for-All: Bridge the Gap Between Heterogeneous Architectures
     in Knowledge Distillation", NeurIPS 2023, Eq. 5):
@@ -85,7 +91,7 @@ def ofa(
     inputs="logits",
     default_weight=1.0,
 )
-def pld(s: Tensor, t: Tensor, *, y: Tensor | None = None, temperature: float = 1.0) -> Tensor:
+def pld(s: Tensor, t: Tensor, *, y: Tensor | None = None, temperature: Temperature = 1.0) -> Tensor:
     """Plackett-Luce distillation ("PLD: A Choice-Theoretic List-Wise Knowledge
     Distillation", 2025; list-wise / ListMLE form, methods.md):
 
@@ -155,11 +161,11 @@ class TAIDLoss(nn.Module):
         t_shape,
         *,
         num_samples=None,
-        t_start: float = 0.4,
-        t_end: float = 1.0,
-        alpha: float = 5e-4,
-        beta: float = 0.99,
-        eps: float = 1e-8,
+        t_start: Prob = 0.4,
+        t_end: Prob = 1.0,
+        alpha: NonNeg = 5e-4,
+        beta: Prob = 0.99,
+        eps: Pos = 1e-8,
     ):
         super().__init__()
         _check("taid", "t_start", t_start, 0.0 <= t_start <= 1.0, "a number in [0, 1]")
@@ -286,7 +292,7 @@ class CrossAttentionProjector(nn.Module):
     per-sample shape. One multi-head attention layer plus a residual MLP (our size choice).
     """
 
-    def __init__(self, s_shape, t_shape, *, heads: int = 4):
+    def __init__(self, s_shape, t_shape, *, heads: Depth = 4):
         super().__init__()
         s_shape, t_shape = tuple(s_shape), tuple(t_shape)
         if len(t_shape) == 3:
@@ -351,7 +357,7 @@ def _pair_logits(name: str, s) -> tuple[Tensor, Tensor]:
     inputs="logits",
     default_weight=1.0,
 )
-def dml(s, t=None, *, temperature: float = 1.0) -> Tensor:
+def dml(s, t=None, *, temperature: Temperature = 1.0) -> Tensor:
     """Deep mutual learning (Zhang, Xiang, Hospedales & Lu, CVPR 2018, Eqs. 2 and 4): the
     symmetric KL between two peers trained together,
     ``KL(sg(p_b) || p_a) + KL(sg(p_a) || p_b)`` (batch mean, ``T^2``-scaled; T=1 in the paper).
@@ -400,7 +406,7 @@ def _kl_rows(student: Tensor, teacher: Tensor, T: float) -> Tensor:
     inputs="logits",
     default_weight=1.0,
 )
-def bsd(s, t=None, *, y: Tensor | None = None, temperature: float = 1.0) -> Tensor:
+def bsd(s, t=None, *, y: Tensor | None = None, temperature: Temperature = 1.0) -> Tensor:
     """Bidirectional selective distillation, per-sample form (Zhu et al., "A Good Student is
     Cooperative and Reliable: CNN-Transformer Collaborative Learning for Semantic
     Segmentation", ICCV 2023, pixel-wise BSD recast per sample).
@@ -436,8 +442,8 @@ def bsd_region(
     t=None,
     *,
     y: Tensor | None = None,
-    temperature: float = 1.0,
-    ce_weight: float = 1.0,
+    temperature: Temperature = 1.0,
+    ce_weight: NonNeg = 1.0,
 ) -> Tensor:
     """Bidirectional selective distillation, region-wise form (Zhu et al., "A Good Student is
     Cooperative and Reliable: CNN-Transformer Collaborative Learning for Semantic
@@ -550,9 +556,9 @@ class RegionBSDLoss(nn.Module):
         t_shapes=None,
         *,
         num_samples=None,
-        grid: int = 2,
-        temperature: float = 1.0,
-        ce_weight: float = 1.0,
+        grid: Depth = 2,
+        temperature: Temperature = 1.0,
+        ce_weight: NonNeg = 1.0,
     ):
         super().__init__()
         if (

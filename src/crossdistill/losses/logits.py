@@ -19,6 +19,7 @@ from torch import Tensor
 
 from ..errors import ConfigError
 from ..registry import LOSSES
+from ..schema import Fraction, NonNeg, Temperature
 from .features import _pair, _upcast
 
 _MASK = 1000.0  # subtracted from the target logit so it vanishes from the NCKD softmax
@@ -57,7 +58,7 @@ def _soft_kl(log_p_s: Tensor, p_t: Tensor) -> Tensor:
     inputs="labels",
     default_weight=1.0,
 )
-def ce(s: Tensor, t: Tensor | None = None, *, y: Tensor, label_smoothing: float = 0.0) -> Tensor:
+def ce(s: Tensor, t: Tensor | None = None, *, y: Tensor, label_smoothing: Fraction = 0.0) -> Tensor:
     """Cross-entropy of the student logits against hard labels; the teacher is ignored.
 
     Implements ``-sum_k q_ik log softmax(s_i)_k`` per position i, with ``q = (1-eps)
@@ -92,7 +93,7 @@ def ce(s: Tensor, t: Tensor | None = None, *, y: Tensor, label_smoothing: float 
     inputs="logits",
     default_weight=0.9,
 )
-def kd(s: Tensor, t: Tensor, *, temperature: float = 4.0) -> Tensor:
+def kd(s: Tensor, t: Tensor, *, temperature: Temperature = 4.0) -> Tensor:
     """Soft-target distillation (Geoffrey Hinton, Oriol Vinyals, Jeff Dean, 2015).
 
     ``L_i = T^2 * KL( softmax(t_i/T) || softmax(s_i/T) )`` per position i (Eq. 2's soft
@@ -100,8 +101,15 @@ def kd(s: Tensor, t: Tensor, *, temperature: float = 4.0) -> Tensor:
     gradient scale independent of ``T`` (the paper's argument), so the term weight need not be
     re-tuned when ``T`` changes.
 
-    Shapes: ``s``, ``t`` (..., K) logits -> (...). Default T=4; recommended term weight 0.9
-    (with CE at 0.1, the CIFAR-100 setting of the CRD benchmark).
+    Shapes: ``s``, ``t`` (..., K) logits -> (...). Default T=4, term weight 0.9.
+
+    Weighting convention (the same in the ``kd`` recipe, the README and the demo): terms are
+    added with independent weights, as in the CRD code (``gamma*CE + alpha*KD + beta*other``),
+    not Hinton's convex ``(1-alpha)*CE + alpha*KD``, because a run may stack any number of
+    terms (kd + a feature hint + ...), for which a convex mix is undefined. Every recipe keeps
+    CE at weight 1.0 (as DKD's code does for its methods), so recipes differ only in what they
+    add; the default is therefore ``1.0*CE + 0.9*T^2*KL`` (CRD's own KD row uses CE 0.1: set
+    ``weight: 0.1`` on the ``ce`` term to reproduce it).
     """
     _check_temperature("kd", temperature)
     _check_logits("kd", s, t)
@@ -118,7 +126,7 @@ def kd(s: Tensor, t: Tensor, *, temperature: float = 4.0) -> Tensor:
     inputs="logits",
     default_weight=1.0,
 )
-def rkl(s: Tensor, t: Tensor, *, temperature: float = 1.0) -> Tensor:
+def rkl(s: Tensor, t: Tensor, *, temperature: Temperature = 1.0) -> Tensor:
     """Reverse KL, the mode-seeking baseline that TAID (Shing et al., "TAID: Temporally Adaptive
     Interpolated Distillation", ICLR 2025) compares against next to forward KL:
     ``L_i = T^2 * KL( softmax(s_i/T) || softmax(t_i/T) )`` per position i.
@@ -162,9 +170,9 @@ def dkd(
     t: Tensor,
     *,
     y: Tensor,
-    alpha: float = 1.0,
-    beta: float = 8.0,
-    temperature: float = 4.0,
+    alpha: NonNeg = 1.0,
+    beta: NonNeg = 8.0,
+    temperature: Temperature = 4.0,
 ) -> Tensor:
     """Decoupled KD (Borui Zhao, Quan Cui, Renjie Song, Yiyu Qiu, Jiajun Liang, CVPR 2022).
 
@@ -212,9 +220,9 @@ def dist(
     s: Tensor,
     t: Tensor,
     *,
-    beta: float = 1.0,
-    gamma: float = 1.0,
-    temperature: float = 4.0,
+    beta: NonNeg = 1.0,
+    gamma: NonNeg = 1.0,
+    temperature: Temperature = 4.0,
     mask: Tensor | None = None,
 ) -> Tensor:
     """DIST (Tao Huang, Shan You, Fei Wang, Chen Qian, Chang Xu, NeurIPS 2022).

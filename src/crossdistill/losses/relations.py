@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..registry import LOSSES
+from ..schema import NonNeg, Pos
 from .features import _no_autocast, _pair
 
 
@@ -45,7 +46,7 @@ def _rkd_angles(diff: Tensor) -> Tensor:
     default_weight=1.0,
 )
 def rkd(
-    s: Tensor, t: Tensor, *, distance_weight: float = 25.0, angle_weight: float = 50.0
+    s: Tensor, t: Tensor, *, distance_weight: NonNeg = 25.0, angle_weight: NonNeg = 50.0
 ) -> Tensor:
     """RKD-DA (Wonpyo Park, Dongju Kim, Yan Lu, Minsu Cho, CVPR 2019).
 
@@ -109,7 +110,7 @@ def _pkt_conditional(x: Tensor, eps: float) -> Tensor:
     inputs="embeddings",
     default_weight=30000.0 / 64,
 )
-def pkt(s: Tensor, t: Tensor, *, eps: float = 1e-7) -> Tensor:
+def pkt(s: Tensor, t: Tensor, *, eps: Pos = 1e-7) -> Tensor:
     """Probabilistic knowledge transfer (Nikolaos Passalis, Anastasios Tefas, ECCV 2018).
 
     With the cosine kernel ``K(a, b) = (cos(a, b) + 1) / 2`` the conditional probabilities are

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..registry import LOSSES
+from ..schema import Width
 from .features import _tokens_to_maps, _upcast
 
 _POOL_SIZES = (4, 2, 1)
@@ -100,7 +101,7 @@ class ReviewKDLoss(nn.Module):
         t_shapes: list[tuple],
         *,
         num_samples: int | None = None,
-        mid_channels: int = 64,
+        mid_channels: Width = 64,
     ):
         super().__init__()
         if not s_shapes or len(s_shapes) != len(t_shapes):

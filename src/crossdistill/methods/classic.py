@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from ..distiller import Term
 from ..registry import METHODS
+from ..schema import Count, NonNeg, Temperature
 from . import embedding_tap, stage_tap
 
 
@@ -19,7 +20,9 @@ def scratch(student, teacher):
 @METHODS.register(
     "kd", paper="Distilling the Knowledge in a Neural Network", year=2015, family="logits"
 )
-def kd(student, teacher, *, temperature: float = 4.0, weight: float = 0.9):
+def kd(student, teacher, *, temperature: Temperature = 4.0, weight: NonNeg = 0.9):
+    """``1.0 * CE + weight * T^2 * KL`` (additive weights, CE kept at 1.0: see the ``kd``
+    loss's docstring for the convention and why)."""
     return [Term("ce"), Term("kd", temperature=temperature, weight=weight)]
 
 
@@ -29,7 +32,7 @@ def kd(student, teacher, *, temperature: float = 4.0, weight: float = 0.9):
     year=2025,
     family="logits",
 )
-def rkl(student, teacher, *, temperature: float = 1.0, weight: float = 1.0):
+def rkl(student, teacher, *, temperature: Temperature = 1.0, weight: NonNeg = 1.0):
     """CE + reverse KL(p_s || p_t) at T=1: TAID's mode-seeking baseline (same CE + weight-1
     shape as our ``taid`` recipe; ``kd`` with ``temperature=1, weight=1`` is its forward twin)."""
     return [Term("ce"), Term("rkl", temperature=temperature, weight=weight)]
@@ -40,10 +43,10 @@ def dkd(
     student,
     teacher,
     *,
-    alpha: float = 1.0,
-    beta: float = 8.0,
-    temperature: float = 4.0,
-    warmup: float = 20.0,
+    alpha: NonNeg = 1.0,
+    beta: NonNeg = 8.0,
+    temperature: Temperature = 4.0,
+    warmup: NonNeg = 20.0,
 ):
     return [Term("ce"), Term("dkd", alpha=alpha, beta=beta, temperature=temperature, warmup=warmup)]
 
@@ -51,7 +54,9 @@ def dkd(
 @METHODS.register(
     "dist", paper="Knowledge Distillation from A Stronger Teacher", year=2022, family="logits"
 )
-def dist(student, teacher, *, beta: float = 1.0, gamma: float = 1.0, temperature: float = 4.0):
+def dist(
+    student, teacher, *, beta: NonNeg = 1.0, gamma: NonNeg = 1.0, temperature: Temperature = 4.0
+):
     return [Term("ce"), Term("dist", beta=beta, gamma=gamma, temperature=temperature)]
 
 
@@ -62,7 +67,7 @@ def fitnet(
     *,
     student_tap: str | None = None,
     teacher_tap: str | None = None,
-    weight: float = 100.0,
+    weight: NonNeg = 100.0,
     projector: str = "auto",
 ):
     """CE + a hint (MSE) between a student stage and a teacher stage through a projector."""
@@ -78,10 +83,10 @@ def crd(
     student,
     teacher,
     *,
-    weight: float = 0.8,
-    kd_weight: float = 0.0,
-    num_negatives: int = 16384,
-    temperature: float = 0.07,
+    weight: NonNeg = 0.8,
+    kd_weight: NonNeg = 0.0,
+    num_negatives: Count = 16384,
+    temperature: Temperature = 0.07,
 ):
     """CE + CRD on the penultimate embeddings (+ optional KD, as in the paper's CRD+KD)."""
     terms = [
@@ -101,7 +106,7 @@ def crd(
 
 
 @METHODS.register("at", paper="Paying More Attention to Attention", year=2017, family="features")
-def at(student, teacher, *, weight: float = 1000.0):
+def at(student, teacher, *, weight: NonNeg = 1000.0):
     """CE + attention transfer on every pair of matching stages (last k of each)."""
     ss, ts = getattr(student, "stages", []), getattr(teacher, "stages", [])
     k = min(len(ss), len(ts))
@@ -112,7 +117,7 @@ def at(student, teacher, *, weight: float = 1000.0):
 
 
 @METHODS.register("rkd", paper="Relational Knowledge Distillation", year=2019, family="relations")
-def rkd(student, teacher, *, weight: float = 1.0):
+def rkd(student, teacher, *, weight: NonNeg = 1.0):
     return [
         Term("ce"),
         Term("rkd", student=embedding_tap(student), teacher=embedding_tap(teacher), weight=weight),

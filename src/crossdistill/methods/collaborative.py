@@ -30,6 +30,7 @@ from torch import nn
 from ..distiller import Term
 from ..errors import ConfigError
 from ..registry import METHODS
+from ..schema import Depth, NonNeg, Temperature
 from . import Recipe
 
 _BSD_MODES = ("sample", "region", "both")
@@ -121,13 +122,13 @@ def collaborative(
     student,
     teacher=None,
     *,
-    hfd_weight: float = 1.0,
-    bsd_weight: float = 1.0,
-    temperature: float = 1.0,
+    hfd_weight: NonNeg = 1.0,
+    bsd_weight: NonNeg = 1.0,
+    temperature: Temperature = 1.0,
     a_tap: str | None = None,
     b_tap: str | None = None,
     bsd: str = "both",
-    regions: int = 2,
+    regions: Depth = 2,
     a_region_tap: str | None = None,
     b_region_tap: str | None = None,
 ) -> Recipe:
@@ -178,7 +179,7 @@ def collaborative(
 
 
 @METHODS.register("dml", paper="Deep Mutual Learning", year=2018, family="online")
-def dml(student, teacher=None, *, weight: float = 1.0, temperature: float = 1.0) -> Recipe:
+def dml(student, teacher=None, *, weight: NonNeg = 1.0, temperature: Temperature = 1.0) -> Recipe:
     """CE(a) + CE(b) + symmetric KL between the peers (Zhang et al. 2018), the baseline the
     collaborative-learning claim names."""
     _pair(student, teacher, "dml")

@@ -15,6 +15,7 @@ from ..distiller import Term
 from ..errors import ConfigError
 from ..models.vit import Block, FeedForward
 from ..registry import METHODS
+from ..schema import Depth, NonNeg, Temperature
 from . import Recipe
 
 
@@ -93,12 +94,12 @@ def ofa(
     student,
     teacher,
     *,
-    gamma: float = 1.5,
-    temperature: float = 1.0,
+    gamma: NonNeg = 1.5,
+    temperature: Temperature = 1.0,
     stages: list[str] | None = None,
-    branch_weight: float = 1.0,
-    weight: float = 1.0,
-    branch_depth: int = 2,
+    branch_weight: NonNeg = 1.0,
+    weight: NonNeg = 1.0,
+    branch_depth: Depth = 2,
 ) -> Recipe:
     """CE(z_s, y) + OFA(z_s, z_t) + sum over branches OFA(branch_k(F_k), z_t).
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from ..distiller import Term
 from ..registry import METHODS
+from ..schema import NonNeg, Temperature
 
 
 @METHODS.register(
@@ -16,7 +17,14 @@ from ..registry import METHODS
     year=2025,
     family="logits",
 )
-def pld(student, teacher, *, temperature: float = 1.0, weight: float = 1.0, ce_weight: float = 0.0):
+def pld(
+    student,
+    teacher,
+    *,
+    temperature: Temperature = 1.0,
+    weight: NonNeg = 1.0,
+    ce_weight: NonNeg = 0.0,
+):
     """PLD on the final logits (T=1). The paper uses PLD *instead of* CE; ``ce_weight > 0``
     adds a plain CE term for ablations (off by default). Samples without a label contribute
     the pure teacher ranking."""

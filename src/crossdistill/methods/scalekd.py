@@ -26,6 +26,7 @@ from ..distiller import Term
 from ..errors import ConfigError
 from ..losses.hetero import CrossAttentionProjector
 from ..registry import METHODS
+from ..schema import Depth, NonNeg, Temperature
 from . import Recipe, stage_tap
 
 
@@ -130,13 +131,13 @@ def scalekd(
     student,
     teacher,
     *,
-    ce_weight: float = 0.5,
-    kd_weight: float = 0.5,
-    spatial_weight: float = 0.08,
-    frequency_weight: float = 0.06,
-    perception_weight: float = 0.5,
-    temperature: float = 1.0,
-    heads: int = 4,
+    ce_weight: NonNeg = 0.5,
+    kd_weight: NonNeg = 0.5,
+    spatial_weight: NonNeg = 0.08,
+    frequency_weight: NonNeg = 0.06,
+    perception_weight: NonNeg = 0.5,
+    temperature: Temperature = 1.0,
+    heads: Depth = 4,
     student_tap: str | None = None,
     teacher_stage: str | None = None,
     input_shape: tuple | None = None,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from ..distiller import Term
 from ..registry import METHODS
+from ..schema import NonNeg, Prob
 
 
 @METHODS.register(
@@ -23,12 +24,12 @@ def taid(
     student,
     teacher,
     *,
-    t_start: float = 0.4,
-    t_end: float = 1.0,
-    alpha: float = 5e-4,
-    beta: float = 0.99,
-    weight: float = 1.0,
-    ce_weight: float = 1.0,
+    t_start: Prob = 0.4,
+    t_end: Prob = 1.0,
+    alpha: NonNeg = 5e-4,
+    beta: NonNeg = 0.99,
+    weight: NonNeg = 1.0,
+    ce_weight: NonNeg = 1.0,
 ):
     """CE (weight ``ce_weight``; the language-model paper trains on the TAID loss alone, a
     classifier keeps the label term, our choice) + TAID with the paper's schedule defaults."""

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..registry import MODELS
+from ..schema import Count, Depth, Width
 from .mlp import check_common, check_positive, spaced_indices, tag, to_hw
 
 AUDIO_DEFAULT_SIZE = (40, 101)  # 40 mel bins x ~1 s at a 10 ms hop (keyword spotting)
@@ -111,10 +112,10 @@ class GRUClassifier(nn.Module):
 )
 def audio_cnn(
     *,
-    num_classes: int = 10,
-    in_channels: int = 1,
+    num_classes: Count = 10,
+    in_channels: Width = 1,
     img_size=AUDIO_DEFAULT_SIZE,
-    channels: tuple[int, ...] = (32, 64, 64),
+    channels: Width | tuple[Width, ...] = (32, 64, 64),
 ) -> nn.Module:
     """Temporal CNN; ``img_size`` is ``(n_mels, frames)`` and any frame count works."""
     n_mels, _ = check_audio(num_classes, in_channels, img_size)
@@ -139,11 +140,11 @@ def audio_cnn(
 )
 def gru(
     *,
-    num_classes: int = 10,
-    in_channels: int = 1,
+    num_classes: Count = 10,
+    in_channels: Width = 1,
     img_size=AUDIO_DEFAULT_SIZE,
-    hidden: int = 64,
-    num_layers: int = 2,
+    hidden: Width = 64,
+    num_layers: Depth = 2,
 ) -> nn.Module:
     """GRU classifier; the last hidden state of the top layer feeds ``fc``."""
     n_mels, _ = check_audio(num_classes, in_channels, img_size)

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..registry import MODELS
+from ..schema import Count, ImgSize, Width
 from .mlp import check_common, check_positive, tag, to_hw
 
 
@@ -60,10 +61,10 @@ class PlainCNN(nn.Module):
 )
 def cnn(
     *,
-    num_classes: int = 10,
-    in_channels: int = 3,
-    img_size=32,
-    channels: tuple[int, ...] = (32, 64, 128),
+    num_classes: Count = 10,
+    in_channels: Width = 3,
+    img_size: ImgSize | tuple[ImgSize, ImgSize] = 32,
+    channels: Width | tuple[Width, ...] = (32, 64, 128),
 ) -> nn.Module:
     """A plain CNN; ``channels`` gives one conv-BN-ReLU stage per entry."""
     check_common(num_classes, in_channels)

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..registry import MODELS
+from ..schema import Count, Depth, ImgSize, Width
 from .mlp import check_common, check_positive, spaced_indices, tag, to_hw, variant
 
 NORMS = ("instancenorm", "batchnorm", "none")
@@ -71,11 +72,11 @@ class ConvNet(nn.Module):
 )
 def convnet(
     *,
-    num_classes: int = 10,
-    in_channels: int = 3,
-    img_size=32,
-    depth: int = 3,
-    width: int = 128,
+    num_classes: Count = 10,
+    in_channels: Width = 3,
+    img_size: ImgSize | tuple[ImgSize, ImgSize] = 32,
+    depth: Depth = 3,
+    width: Width = 128,
     norm: str = "instancenorm",
 ) -> nn.Module:
     """The condensation ConvNet; each of ``depth`` blocks halves the spatial size."""

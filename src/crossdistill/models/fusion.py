@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..registry import MODELS
+from ..schema import Count, ImgSize, Width
 from .cnn import conv_bn_relu
 from .mlp import check_common, check_positive, tag, to_hw
 
@@ -104,13 +105,13 @@ class LateFusion(nn.Module):
 )
 def fusion(
     *,
-    num_classes: int = 10,
-    in_channels: int = 1,
-    img_size=None,
-    image_size=None,
-    audio_size=(40, 48),
-    width: int = 16,
-    dim: int = 64,
+    num_classes: Count = 10,
+    in_channels: Width = 1,
+    img_size: ImgSize | tuple[ImgSize, ImgSize] | None = None,
+    image_size: ImgSize | tuple[ImgSize, ImgSize] | None = None,
+    audio_size: ImgSize | tuple[ImgSize, ImgSize] = (40, 48),
+    width: Width = 16,
+    dim: Width = 64,
 ) -> nn.Module:
     """Late fusion of an image CNN on ``(B, in_channels, *image_size)`` and an audio CNN on
     log-mels ``(B, 1, n_mels, frames)``. ``img_size`` is the zoo-wide alias of

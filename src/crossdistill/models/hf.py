@@ -152,7 +152,7 @@ def create_hf(
         _check_config(CONFIG_MAPPING[hf], config, hf, field)
         try:
             cfg = AutoConfig.for_model(hf, **config)
-        except (ValueError, TypeError) as err:
+        except Exception as err:  # noqa: BLE001  (transformers' own validators raise many types)
             msg = f"rejected by {hf}: {_describe(err)}"
             raise ConfigError(f"{field}.config", config, msg) from None
         source, load = hf, lambda: auto.from_config(cfg, attn_implementation=attn_implementation)
@@ -189,6 +189,10 @@ def create_hf(
     except OSError as err:
         msg = f"could not be loaded: {_describe(err)}"
         raise ConfigError(f"{field}.hf_path", source, msg) from None
+    except (RuntimeError, TypeError, IndexError) as err:  # e.g. a negative size in config
+        where = f"{field}.config" if hf else f"{field}.hf_path"
+        msg = f"could not be built: {_describe(err)}"
+        raise ConfigError(where, config or source, msg) from None
     return _mark(model)
 
 

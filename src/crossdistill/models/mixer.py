@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..registry import MODELS
+from ..schema import Count, Depth, ImgSize, Prob, Width
 from .mlp import check_common, check_positive, spaced_indices, tag, to_hw, variant
 from .vit import FeedForward, PatchEmbed, check_patch
 
@@ -83,15 +84,15 @@ class Mixer(nn.Module):
 )
 def mlp_mixer(
     *,
-    num_classes: int = 10,
-    in_channels: int = 3,
-    img_size=32,
-    patch: int = 4,
-    dim: int = 64,
-    depth: int = 4,
-    token_hidden: int = 64,
-    channel_hidden: int = 128,
-    dropout: float = 0.0,
+    num_classes: Count = 10,
+    in_channels: Width = 3,
+    img_size: ImgSize | tuple[ImgSize, ImgSize] = 32,
+    patch: ImgSize = 4,
+    dim: Width = 64,
+    depth: Depth = 4,
+    token_hidden: Width = 64,
+    channel_hidden: Width = 128,
+    dropout: Prob = 0.0,
 ) -> nn.Module:
     """A small MLP-Mixer; ``img_size`` must be divisible by ``patch``."""
     check_common(num_classes, in_channels)

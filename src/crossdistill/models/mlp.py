@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..registry import MODELS
+from ..schema import Count, ImgSize, Prob, Width
 
 
 def to_hw(img_size, field: str = "img_size") -> tuple[int, int]:
@@ -106,11 +107,11 @@ class MLP(nn.Module):
 )
 def mlp(
     *,
-    num_classes: int = 10,
-    in_channels: int = 3,
-    img_size=32,
-    hidden: tuple[int, ...] = (256, 128),
-    dropout: float = 0.0,
+    num_classes: Count = 10,
+    in_channels: Width = 3,
+    img_size: ImgSize | tuple[ImgSize, ImgSize] = 32,
+    hidden: Width | tuple[Width, ...] = (256, 128),
+    dropout: Prob = 0.0,
 ) -> nn.Module:
     """A flat-vector student; ``hidden`` lists the widths of the hidden layers."""
     check_common(num_classes, in_channels)

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..registry import MODELS
+from ..schema import Count, Depth, ImgSize, Width
 from .mlp import check_common, check_positive, tag, to_hw, variant
 
 
@@ -83,7 +84,12 @@ _PAPER = "He et al., Deep Residual Learning for Image Recognition, 2016"
     "resnet", family="cnn", description="CIFAR ResNet, depth 6n+2 (depth=20, width=1)", paper=_PAPER
 )
 def resnet(
-    *, num_classes: int = 10, in_channels: int = 3, img_size=32, depth: int = 20, width: int = 1
+    *,
+    num_classes: Count = 10,
+    in_channels: Width = 3,
+    img_size: ImgSize | tuple[ImgSize, ImgSize] = 32,
+    depth: Depth = 20,
+    width: Width = 1,
 ) -> nn.Module:
     """CIFAR ResNet; ``depth`` must be ``6n + 2`` and ``width`` multiplies (16, 32, 64)."""
     check_common(num_classes, in_channels)

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ..registry import MODELS
+from ..schema import Count, ImgSize, Width
 from .mlp import check_common, check_positive, tag, to_hw
 
 
@@ -68,7 +69,11 @@ class SegCNN(nn.Module):
     "Segmentation, 2015",
 )
 def seg_cnn(
-    *, num_classes: int = 11, in_channels: int = 1, img_size=64, width: int = 16
+    *,
+    num_classes: Count = 11,
+    in_channels: Width = 1,
+    img_size: ImgSize | tuple[ImgSize, ImgSize] = 64,
+    width: Width = 16,
 ) -> nn.Module:
     """Per-pixel classifier; ``width`` is the channel count of the first stage (x2, x4
     deeper). ``img_size`` is only validated: the network takes any size."""

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..registry import MODELS
+from ..schema import Count, ImgSize, Width
 from .cnn import conv_bn_relu
 from .mlp import check_common, check_positive, tag, to_hw, variant
 
@@ -79,9 +80,9 @@ def _parse_cfg(cfg) -> tuple[tuple[int, ...], ...]:
 )
 def vgg(
     *,
-    num_classes: int = 10,
-    in_channels: int = 3,
-    img_size=32,
+    num_classes: Count = 10,
+    in_channels: Width = 3,
+    img_size: ImgSize | tuple[ImgSize, ImgSize] = 32,
     cfg: tuple[tuple[int, ...], ...] = VGG8,
 ) -> nn.Module:
     """VGG with batch norm; ``cfg`` lists the conv widths of each stage."""

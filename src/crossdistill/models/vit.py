@@ -14,6 +14,7 @@ from torch.nn import functional as F
 
 from ..errors import ConfigError
 from ..registry import MODELS
+from ..schema import Count, Depth, ImgSize, Pos, Prob, Width
 from .mlp import check_common, check_positive, spaced_indices, tag, to_hw
 
 
@@ -137,15 +138,15 @@ class ViT(nn.Module):
 )
 def vit(
     *,
-    num_classes: int = 10,
-    in_channels: int = 3,
-    img_size=32,
-    patch: int = 4,
-    dim: int = 64,
-    depth: int = 4,
-    heads: int = 4,
-    mlp_ratio: float = 2.0,
-    dropout: float = 0.0,
+    num_classes: Count = 10,
+    in_channels: Width = 3,
+    img_size: ImgSize | tuple[ImgSize, ImgSize] = 32,
+    patch: ImgSize = 4,
+    dim: Width = 64,
+    depth: Depth = 4,
+    heads: Depth = 4,
+    mlp_ratio: Pos = 2.0,
+    dropout: Prob = 0.0,
 ) -> nn.Module:
     """A small ViT; ``img_size`` must be divisible by ``patch`` and ``dim`` by ``heads``."""
     check_common(num_classes, in_channels)

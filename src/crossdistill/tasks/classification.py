@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 
 from ..registry import TASKS
@@ -24,8 +25,11 @@ class Classification(Task):
         y = batch[self.target].to(logits.device)
         ok = valid_targets(y, keep)
         z = logits.detach().float()
-        self.add(sums, "correct", ((z.argmax(-1) == y) & ok).sum().float())
-        self.add(sums, "labelled", ok.sum().float())
+        hit = z.argmax(-1) == y  # never true where y == -100 (argmax >= 0)
+        if keep is not None:
+            hit = hit & ok
+        self.add(sums, "correct", hit.sum(dtype=torch.float32))  # exact below 2**24
+        self.add(sums, "labelled", ok.sum(dtype=torch.float32))
         if keep is not None:  # evaluation: CE too (the training loop has its own loss sums)
             ce = F.cross_entropy(
                 z.reshape(-1, z.shape[-1]), y.reshape(-1).clamp_min(0), reduction="none"

@@ -1,5 +1,6 @@
 """``crossdistill cache-teacher CONFIG``: run a config's teacher once over its training split
-and write a teacher store (see ``store.py``); train later with ``teacher: {store: PATH}``."""
+and write a teacher store (see ``store.py``); train later with ``teacher: {store: PATH}``.
+Re-running the same command after an interruption completes the store (see ``writer.py``)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ def add_parsers(sub) -> None:
         help="teacher feature taps to store (default: the teacher taps the config's terms use)",
     )
     p.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"))
+    p.add_argument("--shard-size", type=int, default=50_000, help="rows per shard file")
+    p.add_argument("--batch-size", type=int, default=256, help="samples per teacher forward")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument(
         "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
@@ -41,9 +44,15 @@ def cmd_cache_teacher(args) -> int:
     from .store import cache_teacher
 
     cfg = C.load(args.config, args.overrides)
+    if args.out:
+        from ..rundir import check_out_dir
+
+        check_out_dir(args.out, "--out")
     spec = cfg.teacher
-    if spec is None or not (spec.model or spec.hf or spec.hf_path) or not (
-        spec.checkpoint or spec.hf_path
+    if (
+        spec is None
+        or not (spec.model or spec.hf or spec.hf_path)
+        or not (spec.checkpoint or spec.hf_path)
     ):
         raise ConfigError(
             "teacher",
@@ -76,6 +85,8 @@ def cmd_cache_teacher(args) -> int:
         taps=taps,
         topk=args.topk,
         dtype=args.dtype,
+        batch_size=args.batch_size,
+        shard_size=args.shard_size,
         device=cfg.train.device,
         progress=cfg.train.progress,
     )

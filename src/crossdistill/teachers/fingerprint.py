@@ -12,10 +12,16 @@ def weights_hash(model: nn.Module) -> str:
     """SHA-256 over every parameter and buffer (names, dtypes, shapes, bytes), 16 hex chars."""
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        _update(h, name, t)
     return h.hexdigest()[:16]
+
+
+def _update(h, name: str, t: torch.Tensor) -> None:
+    """Feed one named tensor (name, dtype, shape, raw bytes) into the hash ``h``."""
+    t = t.detach().cpu().contiguous()
+    h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+    if t.numel():
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
 
 
 def transform_description(data) -> dict:
@@ -32,3 +38,13 @@ def transform_description(data) -> dict:
         "split_seed": info.get("split_seed"),
         "augment": None,
     }
+
+
+def inputs_fingerprint(data, keys) -> str:
+    """SHA-256 over the sample ids and the tensors the teacher reads (names, dtypes, shapes,
+    bytes), 16 hex chars. Labels are left out on purpose: stored signals depend only on the
+    inputs, so a store made on the full split also serves a run that hides some labels."""
+    h = hashlib.sha256()
+    for k in ("idx", *keys):
+        _update(h, k, data.tensors[k])
+    return h.hexdigest()[:16]

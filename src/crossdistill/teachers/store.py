@@ -2,8 +2,9 @@
 
 Layout of a store directory::
 
-    manifest.json              teacher-weights hash, dataset fingerprint, transform, dtype,
-                               top-k settings, taps and their shapes, bytes per sample/token
+    manifest.json              teacher-weights hash, inputs fingerprint, transform, dtype,
+                               top-k settings, taps and their shapes, bytes per sample/token,
+                               every shard's row count and SHA-256, and ``complete``
     shard-00000.safetensors    idx (int64) + one tensor per tap, rows in the same order
 
 Logits are class-last with any leading dims: ``(B, K)`` per sample, ``(B, L, V)`` per token,
@@ -23,30 +24,51 @@ Lookups return CPU tensors; the caller moves them next to the student.
 Stored signals are only valid for the exact inputs the teacher saw, so a store made by
 another teacher, dataset or transform is refused, naming what differs, and training refuses a
 store together with random augmentation.
+
+Integrity: on open every manifest field is checked (``manifest.py``), shard names must be
+plain files of the store directory, and every shard header must match the manifest's keys,
+dtypes and shapes. Each shard's bytes are hashed (SHA-256 against the manifest) and its values
+checked finite before its first lookup, all at once on open when the store is at most
+``EAGER_VERIFY_BYTES`` (so a damaged small store is refused before training starts). Hashes
+cannot tell rows put in another order or a shard from another teacher whose hash was copied
+too: with the teacher at hand, :meth:`TeacherStore.verify_against` runs it on a few seeded
+samples and compares (``crossdistill train`` does when the config names the store's model
+and checkpoint).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import struct
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..adapters import ModelIO
-from ..data import Batches, Dataset
+from ..data import Dataset
 from ..errors import ConfigError
-from ..io import save_weights
-from ..taps import Capture, Tap
-from .fingerprint import transform_description, weights_hash
+from .fingerprint import inputs_fingerprint, transform_description
+from .manifest import (
+    FORMAT,
+    LOGITS,
+    MANIFEST,
+    RERUN,
+    TOPK_KEYS,
+    file_sha256,
+    index_dtype,
+    read_manifest,
+    signal_dtypes,
+)
+from .writer import cache_teacher
 
-FORMAT = "crossdistill-teacher-store/1"
-LOGITS = "logits"
-TOPK_KEYS = ("logits.values", "logits.indices", "logits.lse")
+__all__ = ["FORMAT", "TeacherStore", "cache_teacher", "index_dtype", "topk_decode"]
+
+EAGER_VERIFY_BYTES = 256 << 20  # stores up to this size are hashed whole on open
+_CHECK_PIECE_BYTES = 64 << 20  # values are checked in pieces of about this size
+_FLOATS = ("F16", "BF16", "F32")
 
 # safetensors dtype -> numpy dtype of the raw bytes (bf16 has no numpy type: read as 16 bits)
 _NP_DTYPES = {
@@ -65,26 +87,6 @@ _NP_DTYPES = {
 }
 
 
-def index_dtype(vocab: int) -> torch.dtype:
-    """The smallest integer type holding class ids ``0..vocab-1`` (int16 would wrap past
-    32,767, which silently corrupts large-vocabulary top-k stores)."""
-    if vocab <= 256:
-        return torch.uint8
-    if vocab <= 65536:
-        return torch.uint16
-    return torch.int32
-
-
-def _topk_encode(z: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
-    z = z.float()
-    vals, ids = z.topk(k, dim=-1)
-    return {
-        "logits.values": vals.half(),
-        "logits.indices": ids.to(index_dtype(z.shape[-1])),
-        "logits.lse": torch.logsumexp(z, -1).half(),
-    }
-
-
 def topk_decode(
     vals: torch.Tensor, ids: torch.Tensor, lse: torch.Tensor, num_classes: int
 ) -> torch.Tensor:
@@ -96,130 +98,6 @@ def topk_decode(
     rest = lse + torch.log(mass / max(num_classes - k, 1))
     out = rest.expand(*rest.shape[:-1], num_classes).clone()
     return out.scatter(-1, ids.long(), vals)
-
-
-@torch.no_grad()
-def cache_teacher(
-    teacher: nn.Module,
-    data: Dataset,
-    out_dir: str | Path,
-    *,
-    io: ModelIO | None = None,
-    taps: list[str] = (),
-    topk: int | None = None,
-    dtype: str = "float16",
-    batch_size: int = 256,
-    shard_size: int = 50_000,
-    device: str = "cpu",
-    progress: bool = True,
-) -> Path:
-    """Run ``teacher`` once over ``data`` (no augmentation) and write a store to ``out_dir``.
-
-    ``io`` says how the teacher is called on a batch and where its (class-last) logits are;
-    the default is ``teacher(batch["x"])``. Shards hold exactly ``shard_size`` rows (the last
-    one fewer), so a shard's size is predictable whatever the batch size.
-    """
-    if dtype not in ("float16", "bfloat16", "float32"):
-        raise ConfigError("store.dtype", dtype, "allowed: float16, bfloat16, float32")
-    if shard_size < 1:
-        raise ConfigError("store.shard_size", shard_size, "must be >= 1")
-    if len(data) == 0:
-        raise ConfigError("store.data", f"{data.name}/{data.split}", "the split has no samples")
-    io = io if io is not None else ModelIO(field="teacher")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    teacher = teacher.to(device).eval()
-    tap_objs = {str(Tap.parse(t)): Tap.parse(t) for t in taps if t != LOGITS}
-    cap = Capture(teacher, tap_objs, "store.taps")
-    torch_dtype = getattr(torch, dtype)
-    pending: dict[str, list[torch.Tensor]] = {}
-    n_pending, count, shards = 0, 0, []
-    logit_shape = per_sample = None
-
-    def write(n_rows: int) -> None:
-        nonlocal pending, n_pending
-        cat = {k: torch.cat(v) for k, v in pending.items()}
-        name = f"shard-{len(shards):05d}.safetensors"
-        save_weights({k: v[:n_rows] for k, v in cat.items()}, out / name)
-        shards.append(name)
-        pending = {k: [v[n_rows:]] for k, v in cat.items()}
-        n_pending -= n_rows
-
-    for batch in tqdm(
-        Batches(data, batch_size, shuffle=False).epoch(0),
-        desc="caching teacher",
-        disable=not progress,
-        total=math.ceil(len(data) / batch_size),
-    ):
-        ids = batch["idx"].cpu()
-        batch = {k: v.to(device) for k, v in batch.items()}
-        if logit_shape is None:
-            io.check_batch(batch)
-        cap.clear()
-        cap.active = True
-        try:
-            raw = io.call(teacher, batch)
-        finally:
-            cap.active = False
-        logits = (io.check(raw) if logit_shape is None else io.logits(raw)).float()
-        if logit_shape is None:
-            logit_shape = tuple(logits.shape[1:])
-            vocab = logit_shape[-1] if logit_shape else 0
-            if not logit_shape or len(logits) != len(ids):
-                raise ConfigError(
-                    "store.logits",
-                    tuple(logits.shape),
-                    f"expected ({len(ids)}, ..., classes): one row per sample, classes last",
-                )
-            if topk is not None and not 0 < topk < vocab:
-                raise ConfigError("store.topk", topk, f"must be in 1..{vocab - 1} (or null)")
-        elif tuple(logits.shape[1:]) != logit_shape:
-            raise ConfigError(
-                "store.logits",
-                tuple(logits.shape),
-                f"every batch needs per-sample shape {logit_shape} (pad inputs to one length)",
-            )
-        sig = {"idx": ids}
-        sig.update(_topk_encode(logits, topk) if topk else {LOGITS: logits.to(torch_dtype)})
-        sig.update({k: cap.get(k).to(torch_dtype) for k in tap_objs})
-        if per_sample is None:
-            per_sample = {k: v[0].numel() * v.element_size() for k, v in sig.items()}
-            shapes = {k: list(v.shape[1:]) for k, v in sig.items()}
-        for k, v in sig.items():
-            pending.setdefault(k, []).append(v.cpu())
-        count += len(ids)
-        n_pending += len(ids)
-        while n_pending >= shard_size:
-            write(shard_size)
-    if n_pending:
-        write(n_pending)
-    cap.remove()
-    positions = math.prod(logit_shape[:-1])
-    signal_bytes = sum(v for k, v in per_sample.items() if k != "idx")
-    manifest = {
-        "format": FORMAT,
-        "teacher_hash": weights_hash(teacher),
-        "teacher_class": type(teacher).__name__,
-        "inputs": io.keys,
-        "data_fingerprint": data.fingerprint(),
-        "transform": transform_description(data),
-        "num_samples": count,
-        "num_classes": vocab,
-        "vocab_size": vocab,
-        "positions_per_sample": positions,
-        "dtype": dtype,
-        "topk": topk,
-        "index_dtype": str(index_dtype(vocab)).removeprefix("torch.") if topk else None,
-        "taps": [LOGITS, *tap_objs],
-        "shapes": shapes,
-        "shards": shards,
-        "shard_size": shard_size,
-        "bytes_per_sample": sum(per_sample.values()),
-        "bytes_per_sample_signals": signal_bytes,
-        "bytes_per_token": signal_bytes / positions,
-    }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    return out
 
 
 def _open_shard(path: Path, field: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
@@ -245,7 +123,15 @@ def _open_shard(path: Path, field: str) -> tuple[dict[str, np.ndarray], dict[str
             dt = np.dtype(_NP_DTYPES[meta["dtype"]])
             arrays[name] = buf[begin:end].view(dt).reshape(meta["shape"])
             dtypes[name] = meta["dtype"]
-    except (OSError, struct.error, ValueError, KeyError, TypeError) as err:
+    except (
+        OSError,
+        struct.error,
+        ValueError,
+        KeyError,
+        TypeError,
+        AttributeError,
+        RecursionError,
+    ) as err:
         raise ConfigError(field, str(path), f"not a readable safetensors shard ({err})") from None
     return arrays, dtypes
 
@@ -258,64 +144,113 @@ def _to_torch(a: np.ndarray, st_dtype: str) -> torch.Tensor:
     return torch.from_numpy(a)
 
 
+def _first_bad_row(a: np.ndarray, st_dtype: str, classes: int | None) -> int | None:
+    """The first row holding NaN/inf (float tensors) or a class id outside ``0..classes-1``
+    (``classes`` given), read in pieces so a shard larger than memory can be checked."""
+    if st_dtype not in _FLOATS and classes is None:
+        return None
+    step = max(1, _CHECK_PIECE_BYTES // max(1, a[:1].nbytes))
+    for lo in range(0, len(a), step):
+        x = np.asarray(a[lo : lo + step])
+        x = x.reshape(len(x), -1)
+        if classes is not None:
+            bad = (x < 0) | (x >= classes)
+        elif st_dtype == "BF16":  # all exponent bits set: inf or NaN
+            bad = (x.view(np.uint16) & 0x7F80) == 0x7F80
+        else:
+            bad = ~np.isfinite(x)
+        rows = np.flatnonzero(bad.any(1))
+        if rows.size:
+            return lo + int(rows[0])
+    return None
+
+
 class TeacherStore(nn.Module):
     """A read-only teacher: signals looked up by sample id. Holds no parameters or buffers.
 
     Pass it wherever a teacher goes (``Distiller(student, TeacherStore(path), terms)``);
     terms may only tap what was stored (``store.taps``). Shards stay memory-mapped, so
-    ``.to(device)`` copies nothing and lookups return CPU tensors.
+    ``.to(device)`` copies nothing and lookups return CPU tensors. ``verify``: hash every
+    shard now (True), before each shard's first lookup (False), or now when the store is
+    small (None, see ``EAGER_VERIFY_BYTES``).
     """
 
     is_store = True
 
-    def __init__(self, path: str | Path, field: str = "teacher.store"):
+    def __init__(
+        self, path: str | Path, field: str = "teacher.store", *, verify: bool | None = None
+    ):
         super().__init__()
         self.path, self.field = Path(path), field
-        mpath = self.path / "manifest.json"
-        if not mpath.is_file():
-            raise ConfigError(
-                field,
-                str(self.path),
-                "not a teacher store (no manifest.json); "
-                "create one with `crossdistill cache-teacher CONFIG`",
-            )
-        self.manifest = m = json.loads(mpath.read_text())
-        if m.get("format") != FORMAT:
-            raise ConfigError(field, m.get("format"), f"expected format {FORMAT}")
-        opened = [_open_shard(self.path / s, field) for s in m["shards"]]
-        if not opened:
-            raise ConfigError(field, str(self.path), "the store has no shards")
-        self._arrays = [a for a, _ in opened]
-        self._dtypes = opened[0][1]
-        for s, (a, d) in zip(m["shards"], opened):
-            same = d == self._dtypes and all(
-                a[k].shape[1:] == self._arrays[0][k].shape[1:] for k in a
-            )
-            if not same or "idx" not in a:
-                raise ConfigError(field, s, "shard disagrees with the first one (keys/shapes)")
-        if (
-            m.get("topk")
-            and self._dtypes.get("logits.indices") == "I16"
-            and m["num_classes"] > 32767
-        ):
-            raise ConfigError(
-                field,
-                str(self.path),
-                "top-k indices were written as int16, which wraps above 32,767 classes; "
-                "re-run cache-teacher",
-            )
-        # per sample id: its shard and its row in that shard (-1: not stored)
-        ids = [np.asarray(a["idx"], dtype=np.int64) for a in self._arrays]
-        all_ids = np.concatenate(ids)
-        if all_ids.size == 0 or all_ids.min() < 0:
-            raise ConfigError(field, str(self.path), "shards hold no (or negative) sample ids")
-        self._offsets = np.cumsum([0, *map(len, ids)])
-        self._shard = np.full(int(all_ids.max()) + 1, -1, dtype=np.int32)
-        self._local = np.full(int(all_ids.max()) + 1, -1, dtype=np.int64)
-        for s, i in enumerate(ids):
-            self._shard[i], self._local[i] = s, np.arange(len(i))
+        self.manifest = m = read_manifest(self.path, field)
+        self._dtypes = signal_dtypes(m)
+        self._arrays = [self._open(i) for i in range(len(m["shards"]))]
+        self._verified = [False] * len(self._arrays)
+        size = sum(self._shard_path(i).stat().st_size for i in range(len(self._arrays)))
+        if verify or (verify is None and size <= EAGER_VERIFY_BYTES):
+            self.verify()
+        self._index()
         self._keys = [k for k in self._dtypes if k != "idx"]
         self.taps = list(m["taps"])
+
+    def _refuse(self, where, what: str) -> ConfigError:
+        return ConfigError(self.field, str(where), f"{what}; {RERUN}")
+
+    def _shard_path(self, i: int) -> Path:
+        """Shard ``i``'s file, which must resolve to a file of the store directory itself."""
+        p = self.path / self.manifest["shards"][i]
+        if p.resolve().parent != self.path.resolve() or not p.is_file():
+            raise self._refuse(p, "not a file of the store directory (a symlink out, or missing)")
+        return p
+
+    def _open(self, i: int) -> dict[str, np.ndarray]:
+        p, rows = self._shard_path(i), self.manifest["shard_rows"][i]
+        arrays, dtypes = _open_shard(p, self.field)
+        if dtypes != self._dtypes:
+            k = next(iter(sorted(set(dtypes.items()) ^ set(self._dtypes.items()))))
+            raise self._refuse(p, f"its tensors differ from what {MANIFEST} describes (at {k})")
+        for k, a in arrays.items():
+            want = [rows, *self.manifest["shapes"][k]]
+            if list(a.shape) != want:
+                raise self._refuse(p, f"{k} has shape {list(a.shape)}, {MANIFEST} says {want}")
+        return arrays
+
+    def _verify_shard(self, s: int) -> None:
+        m, p = self.manifest, self._shard_path(s)
+        got, want = file_sha256(p), m["shard_sha256"][s]
+        if got != want:
+            raise self._refuse(
+                p,
+                f"content changed since it was written (sha256 {got[:12]}..., "
+                f"{MANIFEST} records {want[:12]}...)",
+            )
+        for key, a in self._arrays[s].items():
+            classes = m["num_classes"] if key == "logits.indices" else None
+            row = _first_bad_row(a, self._dtypes[key], classes)
+            if row is not None:
+                what = "class ids out of range" if classes else "NaN or inf"
+                sid = int(self._arrays[s]["idx"][row])
+                raise self._refuse(p, f"{key} of sample id {sid} holds {what}")
+        self._verified[s] = True
+
+    def verify(self) -> None:
+        """Hash and check every shard not checked yet (see the module docstring)."""
+        for s, done in enumerate(self._verified):
+            if not done:
+                self._verify_shard(s)
+
+    def _index(self) -> None:
+        """Sorted sample ids and their global rows (shard order, then row): a lookup is a
+        binary search, and no table is sized by the largest id (a damaged id cannot make one
+        huge)."""
+        all_ids = np.concatenate([np.asarray(a["idx"]) for a in self._arrays])
+        order = np.argsort(all_ids, kind="stable")
+        self._ids, self._rows = all_ids[order], order.astype(np.int64)
+        dup = np.flatnonzero(np.diff(self._ids) == 0)
+        if self._ids[0] < 0 or dup.size:
+            what = "negative" if self._ids[0] < 0 else f"{self._ids[dup[0]]} stored twice"
+            raise self._refuse(self.path, f"sample id {what} (damaged shard?)")
+        self._offsets = np.cumsum([0, *self.manifest["shard_rows"]])
 
     @property
     def bytes_per_sample(self) -> int:
@@ -323,12 +258,11 @@ class TeacherStore(nn.Module):
 
     @property
     def bytes_per_token(self) -> float:
-        m = self.manifest
-        return m.get("bytes_per_token", m["bytes_per_sample_signals"])
+        return self.manifest["bytes_per_token"]
 
     @property
     def is_topk(self) -> bool:
-        return bool(self.manifest.get("topk"))
+        return bool(self.manifest["topk"])
 
     def check(self, *, teacher_hash: str | None = None, data: Dataset | None = None) -> None:
         """Refuse a store made by another teacher, dataset or transform, naming the difference."""
@@ -340,39 +274,127 @@ class TeacherStore(nn.Module):
                 f"made by another teacher: weights "
                 f"hash {m['teacher_hash']} != {teacher_hash}; re-run cache-teacher",
             )
-        if data is not None:
-            want = transform_description(data)
-            diff = [k for k in want if want[k] != m["transform"].get(k)]
-            if diff:
-                k = diff[0]
-                raise ConfigError(
-                    self.field,
-                    str(self.path),
-                    f"made with another transform: "
-                    f"{k}={m['transform'].get(k)!r}, this run has {want[k]!r}",
-                )
-            if not self._present(data.idx.cpu().numpy()):
-                raise ConfigError(
-                    self.field,
-                    str(self.path),
-                    "made for another dataset: "
-                    f"sample ids of {data.name}/{data.split} are missing from it",
-                )
+        if data is None:
+            return
+        name = f"{data.name}/{data.split}"
+        want = transform_description(data)
+        diff = [k for k in want if want[k] != m["transform"].get(k)]
+        if diff:
+            k = diff[0]
+            raise ConfigError(
+                self.field,
+                str(self.path),
+                f"made with another transform: "
+                f"{k}={m['transform'].get(k)!r}, this run has {want[k]!r}",
+            )
+        if (self._find(data.idx.cpu().numpy()) < 0).any():
+            raise ConfigError(
+                self.field,
+                str(self.path),
+                f"made for another dataset: sample ids of {name} are missing from it",
+            )
+        lacking = [k for k in m["inputs"] if k not in data.tensors]
+        if lacking:
+            raise ConfigError(
+                self.field, str(self.path), f"its teacher read {lacking[0]!r}, which {name} lacks"
+            )
+        fp = inputs_fingerprint(data, m["inputs"])
+        if fp != m["data_fingerprint"]:
+            raise ConfigError(
+                self.field,
+                str(self.path),
+                f"made for other inputs: data fingerprint {m['data_fingerprint']} != {fp} of "
+                f"{name} (sample ids + the teacher's input tensors); re-run cache-teacher",
+            )
 
-    def _present(self, ids: np.ndarray) -> bool:
-        if ids.size == 0:
-            return True
-        if ids.min() < 0 or ids.max() >= len(self._shard):
-            return False
-        return bool((self._shard[ids] >= 0).all())
+    @torch.no_grad()
+    def verify_against(
+        self, model: nn.Module, data: Dataset, io: ModelIO | None = None, n: int = 32
+    ) -> None:
+        """Run the live teacher on ``n`` seeded samples (spread over the store, plus one per
+        shard for up to ``n`` shards) and refuse the store when its logits differ beyond
+        storage rounding: catches reordered rows and another teacher's shard, which content
+        hashes cannot. ``io`` defaults to how the store's teacher was called."""
+        m = self.manifest
+        io = io if io is not None else ModelIO(**m["io"], field=self.field)
+        pos = self._spot_positions(data, n)
+        if pos.size == 0:
+            return
+        batch = data.batch(torch.from_numpy(pos))
+        dev = next(chain(model.parameters(), model.buffers()), torch.empty(0)).device
+        was = model.training
+        model.eval()
+        try:
+            z = io.check(io.call(model, {k: v.to(dev) for k, v in batch.items()}))
+        finally:
+            model.train(was)
+        z, ids = z.float().cpu(), batch["idx"]
+        if self.is_topk:
+            vals, ind, lse = self.lookup_topk(ids)
+            shape_ok = z.shape[:-1] == lse.shape and z.shape[-1] == m["num_classes"]
+            pairs = [] if not shape_ok else [(vals, z.gather(-1, ind)), (lse, z.logsumexp(-1))]
+            pairs = [(g, w.half().float()) for g, w in pairs]
+            rtol = 1e-2
+        else:
+            got = self.lookup(ids, LOGITS)
+            shape_ok = got.shape == z.shape
+            pairs = [(got, z.to(getattr(torch, m["dtype"])).float())] if shape_ok else []
+            rtol = 3e-2 if m["dtype"] == "bfloat16" else 1e-2
+        if not shape_ok:
+            raise self._refuse(
+                self.path,
+                f"the teacher's logits have per-sample shape {list(z.shape[1:])}, "
+                f"the store's differ: made by another teacher",
+            )
+        bad = torch.zeros(len(ids), dtype=torch.bool)
+        worst = torch.zeros(len(ids))
+        for got, want in pairs:
+            err = (got - want).abs()
+            tol = rtol * (want.abs() + want.abs().mean())
+            bad |= (err > tol).reshape(len(ids), -1).any(1)
+            worst = torch.maximum(worst, err.reshape(len(ids), -1).amax(1))
+        if bad.any():
+            i = int(bad.nonzero()[0])
+            raise self._refuse(
+                self.path,
+                f"stored logits do not match the teacher (model + checkpoint) on "
+                f"{int(bad.sum())} of {len(ids)} checked samples (sample id {int(ids[i])}: "
+                f"off by up to {float(worst[i]):.3g}): made by another teacher, or rows changed",
+            )
+
+    def _spot_positions(self, data: Dataset, n: int, seed: int = 0) -> np.ndarray:
+        """Positions in ``data`` to check: ``n`` strata over the store's row order (one seeded
+        pick each) plus one pick in each of up to ``n`` shards (seeded)."""
+        rows = self._find(data.idx.cpu().numpy())
+        present = np.flatnonzero(rows >= 0)
+        if present.size == 0 or n < 1:
+            return present
+        order = present[np.argsort(rows[present], kind="stable")]
+        sorted_rows = rows[order]
+        rng = np.random.default_rng(seed)
+        edges = np.linspace(0, len(order), min(n, len(order)) + 1).astype(int)
+        picks = [int(rng.integers(a, b)) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+        shards = rng.permutation(len(self._arrays))[:n]
+        for s in shards:
+            lo, hi = np.searchsorted(sorted_rows, self._offsets[s : s + 2])
+            if hi > lo:
+                picks.append(int(rng.integers(lo, hi)))
+        return np.unique(order[picks])
+
+    def _find(self, ids: np.ndarray) -> np.ndarray:
+        """Global row of each sample id, -1 where it is not stored."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        pos = np.minimum(np.searchsorted(self._ids, ids), len(self._ids) - 1)
+        return np.where(self._ids[pos] == ids, self._rows[pos], -1)
 
     def _locate(self, idx: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """(shard, row) of each sample id; checked on every call, since a CPU check is cheap
         and a missing id must never read a neighbour's row."""
-        ids = torch.as_tensor(idx).detach().cpu().long().reshape(-1).numpy()
-        if not self._present(ids):
+        rows = self._find(torch.as_tensor(idx).detach().cpu().long().numpy())
+        if (rows < 0).any():
             raise ConfigError(self.field, str(self.path), "sample ids not in the teacher store")
-        return self._shard[ids], self._local[ids]
+        shard = np.searchsorted(self._offsets, rows, side="right") - 1
+        return shard, rows - self._offsets[shard]
 
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
         """Global row (shard order, then row in shard) of each sample id."""
@@ -380,10 +402,13 @@ class TeacherStore(nn.Module):
         return torch.from_numpy(self._offsets[shard] + local)
 
     def _gather(self, key: str, shard: np.ndarray, local: np.ndarray) -> torch.Tensor:
-        """Rows of ``key`` from the mapped shards: only those rows are read."""
+        """Rows of ``key`` from the mapped shards: only those rows are read (each shard is
+        hashed and checked once, before its first read)."""
         first = self._arrays[0][key]
         out = np.empty((len(shard), *first.shape[1:]), dtype=first.dtype)
         for s in np.unique(shard):
+            if not self._verified[s]:
+                self._verify_shard(s)
             sel = shard == s
             out[sel] = self._arrays[s][key][local[sel]]
         return _to_torch(out, self._dtypes[key])

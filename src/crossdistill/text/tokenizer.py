@@ -91,12 +91,48 @@ def train_char(text: str, out_dir=None):
     return _wrap(backend, out_dir, unk=UNK)
 
 
+MAX_TOKENIZER_BYTES = 200_000_000  # 200 MB: large HF vocabularies are ~20 MB
+
+
+def _check_tokenizer_json(p: Path, field: str, files: str) -> None:
+    """``tokenizer.json`` must be a JSON object with a ``model`` section (the ``tokenizers``
+    format); bad UTF-8/JSON or another kind of JSON file is one line naming what it is."""
+    try:
+        if p.stat().st_size > MAX_TOKENIZER_BYTES:
+            raise ConfigError(field, str(p), f"larger than {MAX_TOKENIZER_BYTES:,} bytes")
+        spec = json.loads(p.read_bytes())
+    except json.JSONDecodeError as err:
+        raise ConfigError(
+            field, str(p), f"{p.name} is not valid JSON (line {err.lineno}, column {err.colno}: "
+            f"{err.msg}); files present: {files}"
+        ) from None
+    except (UnicodeDecodeError, OSError) as err:
+        why = getattr(err, "strerror", None) or "not UTF-8 text"
+        raise ConfigError(field, str(p), f"{p.name} is unreadable ({why})") from None
+    if not isinstance(spec, dict) or not isinstance(spec.get("model"), dict):
+        keys = ", ".join(list(spec)[:6]) if isinstance(spec, dict) else type(spec).__name__
+        raise ConfigError(
+            field, str(p), f"{p.name} is JSON but not a tokenizer (no 'model' section; it has "
+            f"{keys}); give a tokenizer.json saved by the tokenizers library"
+        )
+
+
 def load_tokenizer(path, field: str = "tokenizer"):
     """A tokenizer from a Hugging Face directory (or a bare ``tokenizer.json``), offline."""
     p = Path(path)
     if not p.exists():
         raise ConfigError(field, str(path), "no such path; expected a tokenizer directory "
                           "(tokenizer.json, tokenizer_config.json) or a tokenizer.json file")
+    names = sorted(f.name for f in p.iterdir())[:20] if p.is_dir() else [p.name]
+    files = ", ".join(names) or "none"
+    if p.is_file():
+        _check_tokenizer_json(p, field, files)
+    elif (p / "tokenizer.json").is_file():
+        _check_tokenizer_json(p / "tokenizer.json", field, files)
+    elif not any((p / n).is_file() for n in ("tokenizer_config.json", "vocab.json",
+                                              "tokenizer.model", "vocab.txt")):
+        raise ConfigError(field, str(path), "a directory without a tokenizer (no tokenizer.json "
+                          f"or tokenizer_config.json); files present: {files}")
     try:
         if p.is_file():
             from tokenizers import Tokenizer
@@ -109,12 +145,10 @@ def load_tokenizer(path, field: str = "tokenizer"):
 
         return AutoTokenizer.from_pretrained(str(p), local_files_only=True)
     except Exception as err:  # corrupt JSON, missing files, unknown class: one clear line
-        files = sorted(f.name for f in p.iterdir()) if p.is_dir() else [p.name]
         first = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
         raise ConfigError(
             field, str(path),
-            f"not a loadable tokenizer ({type(err).__name__}: {first}); "
-            f"files present: {', '.join(files) or 'none'}",
+            f"not a loadable tokenizer ({type(err).__name__}: {first}); files present: {files}",
         ) from None
 
 

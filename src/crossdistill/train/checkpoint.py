@@ -4,11 +4,15 @@ A checkpoint is one file written to a temp name and renamed into place, so a run
 any instant leaves either the previous checkpoint or the new one, never a torn file. It holds
 tensors and plain Python values only and is read with ``torch.load(weights_only=True)``,
 which refuses pickled code; model weights for users are exported separately as safetensors.
+
+``CROSSDISTILL_CKPT_PAUSE=<seconds>`` (a testing hook) sleeps between writing the temp file
+and renaming it, so a kill test can land SIGKILLs inside checkpoint writes.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -21,6 +25,9 @@ def save(state: dict, path: str | os.PathLike) -> None:
     tmp = atomic_path(path)
     try:
         torch.save(state, tmp)
+        pause = os.environ.get("CROSSDISTILL_CKPT_PAUSE")
+        if pause:
+            time.sleep(float(pause))
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

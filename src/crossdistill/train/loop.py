@@ -25,8 +25,10 @@ from ..errors import ConfigError
 from ..io import load_weights, save_weights
 from . import checkpoint
 from . import distributed as D
+from . import finite as F
+from . import resume as R
 from .config import TrainConfig
-from .metrics import MetricsLog
+from .metrics import MetricsLog, write_atomic
 from .schedule import lr_at
 
 
@@ -99,6 +101,9 @@ class Trainer:
         self.train_data, self.val, self.test = train, val, test
         self.out_dir = Path(out_dir) if out_dir else None
         self.callbacks = list(callbacks)
+        from .console import default_callbacks  # epoch lines, train.log loggers
+
+        self.callbacks += default_callbacks(self.cfg, self.callbacks)
         self.device = torch.device(self.cfg.device)
         self.log = MetricsLog(self.out_dir)
         self.results: dict = {}
@@ -107,7 +112,12 @@ class Trainer:
     def setup(self):
         """Everything before the first step: processes, batches, the dry run that builds
         projectors, the optimiser. ``fit`` calls it; call it yourself to drive
-        :meth:`train_epoch` / :meth:`train_step` from your own loop."""
+        :meth:`train_epoch` / :meth:`train_step` from your own loop.
+
+        It seeds torch from ``seed`` before it builds projectors and stateful losses, and the
+        data order from ``seed`` too. Models you build yourself exist before this: seed them
+        first (``torch.manual_seed(seed)``) for a run that repeats bit for bit;
+        :func:`crossdistill.build.make_trainer` does that from ``train.seed``."""
         c = self.cfg
         self.dist = D.init(self.device)
         self.device = D.device_for(c.device, self.dist)
@@ -169,13 +179,22 @@ class Trainer:
             "best_val": None,
             "best_epoch": -1,
             "sums": {},
+            "skipped": 0,  # optimiser steps skipped for NaN/inf (train.nan: skip)
+            "epoch_skipped": 0,
         }
+        self._nan_skip = getattr(c, "nan", "error") == "skip"
+        self._window = None  # the loss total of the accumulation window (a device tensor)
         self._first_batch = first
+        self._hooks = {  # callback methods looked up once, not per step
+            e: [getattr(cb, e) for cb in self.callbacks if hasattr(cb, e)]
+            for e in ("on_batch_end", "on_step_end", "on_epoch_end")
+        }
         return self
 
     def _make_optimizer(self):
         c = self.cfg
         params = [p for p in self.distiller.parameters() if p.requires_grad]
+        self._guard = F.StepGuard(params)  # NaN/inf in their gradients stop or skip a step
         if c.optimizer == "sgd":
             return torch.optim.SGD(
                 params,
@@ -268,8 +287,9 @@ class Trainer:
             )
         D.barrier(self.dist)
 
-    def _resume(self):
+    def _resume(self, allow_changed: bool = False):
         ck = checkpoint.load(self._ckpt_path())
+        R.check_train_config(ck.get("config") or {}, asdict(self.cfg), allow_changed)
         if ck.get("world", 1) != self.dist.world:
             raise ConfigError(
                 "--resume",
@@ -281,36 +301,49 @@ class Trainer:
         if ck.get("structure"):  # replay structure events, then load the matching weights
             self.distiller.replay_structure(ck["structure"])
             self._restructure()
-        self._load_states(ck["model"], ck["optimizer"])
+        try:
+            self._load_states(ck["model"], ck["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as err:  # another student's shapes
+            if isinstance(err, ConfigError):
+                raise
+            text = (str(err).strip().splitlines() or [""])[0][:200]
+            raise ConfigError(
+                "--resume", str(self._ckpt_path()), f"the checkpoint does not fit this config's "
+                f"student ({type(err).__name__}: {text}); resume with the run's own config"
+            ) from None
         self.scaler.load_state_dict(ck["scaler"])
         torch.set_rng_state(ck["rng"]["cpu"][self.dist.rank])
         if "cuda" in ck["rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state(ck["rng"]["cuda"], self.device)
-        self.state = ck["state"]
+        self.state = {"skipped": 0, "epoch_skipped": 0, **ck["state"]}
         if self.dist.main:
             self.log.restore(self.state["epoch"])
 
     # -- the loop -------------------------------------------------------------------------
-    def fit(self, resume: bool = False) -> dict:
+    def fit(self, resume: bool = False, *, allow_changed: bool = False) -> dict:
         """Train every epoch (from the last checkpoint with ``resume``), pick the best epoch on
-        the validation split by the task's metric, then score the test split once."""
+        the validation split by the task's metric, then score the test split once.
+
+        A resume refuses training settings that differ from the checkpoint's (they would not
+        continue the same run) unless ``allow_changed``."""
         self.setup()
         if self.out_dir and self.dist.main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
+            R.clean_temp(self.out_dir)  # atomic writes a kill interrupted
             if not resume:
-                for f in ("metrics.jsonl", "metrics.csv", "results.json"):
+                for f in ("metrics.jsonl", "metrics.csv", "results.json", "best.safetensors"):
                     (self.out_dir / f).unlink(missing_ok=True)
         D.barrier(self.dist)
         if resume:
-            self._resume()
+            self._resume(allow_changed)
         t0 = time.time()
         while self.state["epoch"] < self.cfg.epochs:
             row = self.train_epoch(self.state["epoch"])
             self.state["epoch"] += 1
-            self.state["batch"], self.state["sums"] = 0, {}
+            self.state["batch"], self.state["sums"], self.state["epoch_skipped"] = 0, {}, 0
             self.save_checkpoint()
-            for cb in self.callbacks:
-                getattr(cb, "on_epoch_end", lambda *a: None)(self, row)
+            for f in self._hooks["on_epoch_end"]:
+                f(self, row)
         self.results = self._finish(time.time() - t0)
         return self.results
 
@@ -325,7 +358,7 @@ class Trainer:
             initial=st["batch"],
             desc=f"epoch {epoch + 1}/{c.epochs}",
             leave=False,
-            disable=not c.progress or not self.dist.main,
+            disable=None if c.progress and self.dist.main else True,  # None: off if no tty
             dynamic_ncols=True,
         )
         t0 = time.time()
@@ -335,10 +368,10 @@ class Trainer:
             if (b + 1) % c.accumulate == 0 or last:
                 if c.checkpoint_every and st["step"] % c.checkpoint_every == 0 and not last:
                     self.save_checkpoint()
-            if c.progress and b % 10 == 0:  # .item() syncs a GPU: only when shown
+            if not bar.disable and b % 10 == 0:  # .item() syncs a GPU: only when shown
                 bar.set_postfix(loss=f"{out.total.item():.3f}")
-            for cb in self.callbacks:
-                getattr(cb, "on_batch_end", lambda *a: None)(self, b)
+            for f in self._hooks["on_batch_end"]:
+                f(self, b)
         bar.close()
         return self._epoch_row(epoch, time.time() - t0)
 
@@ -349,13 +382,18 @@ class Trainer:
         self.distiller.set_progress(
             st["step"], self.total_steps, steps_per_epoch=self.steps_per_epoch, epoch=epoch + b / n
         )
+        opens = b % c.accumulate == 0  # the first micro-batch of an optimiser step
+        if opens and self._nan_skip:
+            self._snapshot()
         out = self._forward_backward(batch)
+        total = out.total.detach()
+        self._window = total if opens or self._window is None else self._window + total
         self._accumulate(out, out.batch if out.batch is not None else batch)
         if (b + 1) % c.accumulate == 0 or b + 1 == n:
-            self._optimizer_step()
+            self._optimizer_step(out)
             st["batch"] = b + 1
-            for cb in self.callbacks:
-                getattr(cb, "on_step_end", lambda *a: None)(self, out)
+            for f in self._hooks["on_step_end"]:
+                f(self, out)
         return out
 
     def _forward_backward(self, batch):
@@ -367,10 +405,11 @@ class Trainer:
         )
         with ctx:
             out = self.model(batch)
-        self.scaler.scale(out.total / self.cfg.accumulate).backward()
+        acc = self.cfg.accumulate
+        self.scaler.scale(out.total if acc == 1 else out.total / acc).backward()  # x/1 is x
         return out
 
-    def _optimizer_step(self):
+    def _optimizer_step(self, out=None):
         c, st = self.cfg, self.state
         lr = lr_at(
             st["step"],
@@ -380,14 +419,19 @@ class Trainer:
             warmup=self.warmup_steps,
             milestones=tuple(c.milestones),
             gamma=c.gamma,
+            min_lr=c.min_lr,
+            unit=self.steps_per_epoch if c.schedule_unit == "epoch" else 1,
         )
         for g in self.opt.param_groups:
             g["lr"] = lr
         if c.grad_clip:
             self.scaler.unscale_(self.opt)
             torch.nn.utils.clip_grad_norm_(self.distiller.parameters(), c.grad_clip)
-        self.scaler.step(self.opt)
-        self.scaler.update()
+        if self._step_finite():
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            self._non_finite(out)
         self.opt.zero_grad(set_to_none=True)
         st["step"] += 1
         st["lr"] = lr
@@ -397,20 +441,91 @@ class Trainer:
         if getattr(self.distiller, "structure_changed", False):
             self._restructure()
 
-    def _accumulate(self, out, batch):
-        """Running sums kept as device tensors: no host sync per step (GPU stays async)."""
+    # -- NaN/inf ---------------------------------------------------------------------------
+    def _step_finite(self) -> bool:
+        """The window's loss total and the gradients all finite? One host sync per step.
+        Under fp16 loss scaling, inf gradients are the scaler's business (it skips them)."""
+        return self._guard.ok(self._window, not self.scaler.is_enabled(), self.dist)
+
+    def _where(self) -> str:
+        st = self.state
+        return (
+            f"step {st['step'] + 1} of {self.total_steps} "
+            f"(epoch {st['epoch'] + 1} of {self.cfg.epochs})"
+        )
+
+    def _non_finite(self, out) -> None:
+        """A NaN/inf step: stop, naming the term (or gradient) and the step; with
+        ``train.nan: skip`` count it and put back the running sums and buffers it changed."""
+        st = self.state
+        if self.scaler.is_enabled() and self.cfg.grad_clip:
+            self.scaler.update()  # unscale_ ran: close the scaler's iteration
+        if not self._nan_skip:
+            what = "the loss or the gradients are non-finite"
+            if out is not None:
+                d = self.distiller
+                epoch, params = getattr(d, "epoch", 0.0), d.named_parameters()
+                what = F.culprit(out, d.terms, epoch, params, self._window)
+            raise F.NonFiniteError(what, self._where())
+        st["skipped"] = st.get("skipped", 0) + 1
+        st["epoch_skipped"] = st.get("epoch_skipped", 0) + 1
+        st["sums"] = self._good_sums
+        with torch.no_grad():
+            for buf, saved in self._good_bufs:
+                buf.copy_(saved)
+
+    def _snapshot(self) -> None:
+        """``train.nan: skip``: the running sums and the buffers (BatchNorm statistics,
+        memory banks) before a step's forwards, restored if the step is skipped. Costs a
+        copy per step, so only with the opt-in."""
         sums = self.state["sums"]
-        k = len(out.logits)
-        add = {
-            "n": torch.tensor(float(k)),
-            "loss": out.total.detach().float() * k,
-        }
+        self._good_sums = {k: v.clone() if torch.is_tensor(v) else v for k, v in sums.items()}
+        self._good_bufs = [
+            (b, b.detach().clone())
+            for name, b in self.distiller.named_buffers()
+            if not name.startswith("teachers.")
+        ]
+
+    def _accumulate(self, out, batch):
+        """Running sums kept as device tensors: no host sync per step (GPU stays async).
+
+        A step's float32 scalars (sample count, total, each term, the task's training sums)
+        are stacked, scaled and added to the epoch's sums in one in-place add, so three
+        kernels instead of about ten; element by element these are the same float32
+        additions as one add per key. ``state["sums"]`` holds views of that vector."""
+        sums, k = self.state["sums"], len(out.logits)
+        total = out.total.detach().float()
+        step = {}
         if self.distiller.task.train_metrics:
             task_sums = {}
             self.distiller.task.update(task_sums, out.logits, batch)
-            add.update({f"task:{key}": v for key, v in task_sums.items()})
-        add.update({f"loss_{name}": v.detach().float() * k for name, v in out.losses.items()})
-        for key, v in add.items():
+            step.update({f"task:{key}": v for key, v in task_sums.items()})
+        step.update({f"loss_{name}": v.detach().float() for name, v in out.losses.items()})
+        keys, vals, other = ["n", "loss"], [total, total], {}
+        for key, v in step.items():  # float32 scalars are stacked; the rest keeps its own add
+            if torch.is_tensor(v) and v.dim() == 0 and v.dtype == torch.float32:
+                keys.append(key)
+                vals.append(v)
+            else:
+                other[key] = v
+        keys = tuple(keys)
+        cache = self.__dict__.setdefault("_sum_scales", {})
+        if (k, keys) not in cache:  # (1, then k for summed means and 1 for task sums)
+            one = total.new_ones(())
+            scale = [1.0 if key.startswith("task:") else float(k) for key in keys]
+            cache[(k, keys)] = one, torch.tensor(scale, device=total.device)
+        vals[0], scale = cache[(k, keys)]
+        vec = torch.stack(vals).mul_(scale)
+        acc = self.__dict__.get("_sums_acc")  # (the sums dict, its keys, their vector)
+        if acc is not None and acc[0] is sums and acc[1] == keys:
+            acc[2].add_(vec)
+        else:  # an epoch's first step, or the first after a resume (sums hold floats)
+            for key, v in zip(keys, vec.unbind()):
+                sums[key] = sums[key] + v if key in sums else v
+            vector = torch.stack([torch.as_tensor(sums[key], device=vec.device) for key in keys])
+            sums.update(zip(keys, vector.unbind()))
+            self._sums_acc = (sums, keys, vector)
+        for key, v in other.items():
             sums[key] = sums[key] + v if key in sums else v
 
     @staticmethod
@@ -430,6 +545,19 @@ class Trainer:
         )
 
     def _epoch_row(self, epoch: int, seconds: float) -> dict:
+        if not self.state["sums"]:  # train.nan: skip, and every step of the epoch was skipped
+            raise F.NonFiniteError(
+                f"all {self.state.get('epoch_skipped', 0)} steps were non-finite and skipped",
+                f"epoch {epoch + 1} of {self.cfg.epochs}",
+                F.HINT_SKIPPING,
+            )
+        bad = F.first_nonfinite(self._student_state())  # one sync per epoch
+        if bad is not None:
+            raise F.NonFiniteError(
+                f"student weight {bad!r} is non-finite",
+                f"the end of epoch {epoch + 1} of {self.cfg.epochs} (step {self.state['step']})",
+                F.HINT_SKIPPING if self._nan_skip else F.HINT,
+            )
         s, st = D.all_reduce_sums(self._floats(self.state["sums"]), self.dist), self.state
         task = self.distiller.task
         row = {
@@ -443,10 +571,15 @@ class Trainer:
             row.update({f"train_{k}": m[k] for k in task.train_metrics})
         row["epoch_time"] = seconds
         row.update({k: v / s["n"] for k, v in s.items() if k.startswith("loss_")})
+        if self._nan_skip:
+            row["skipped_steps"] = st.get("epoch_skipped", 0)
         if self.val is not None:
             v = self.evaluate(self.val)
             row.update({f"val_{k}": x for k, x in v.items() if isinstance(x, float)})
-            if task.better(v[task.select], st["best_val"]):
+            bad = [k for k, x in v.items() if isinstance(x, float) and not math.isfinite(x)]
+            if bad:  # a diverged student is never the best epoch
+                self._nonfinite_val = bad
+            elif task.better(v[task.select], st["best_val"]):
                 st["best_val"], st["best_epoch"] = v[task.select], epoch
                 self._save_best()
         else:
@@ -465,7 +598,35 @@ class Trainer:
         else:
             self._best_state = {k: v.detach().clone() for k, v in state.items()}
 
+    def _teacher_val(self) -> dict:
+        """Each online teacher's val metric, once (the report draws it beside the student's
+        curve): ``teacher_val_<metric>``, or ``teacher_<name>_val_<metric>`` for several."""
+        names = [n for n, m in self.distiller.teachers.items() if not getattr(m, "is_store", 0)]
+        if self.val is None or not names:
+            return {}
+        task, out = self.distiller.task, {}
+        for n in names:
+            v = evaluate(
+                self.distiller.teachers[n],
+                self.val,
+                self.cfg.eval_batch_size,
+                self.device,
+                self.dist,
+                task=task,
+                io=self.distiller.teacher_io[n],
+            )
+            key = "teacher" if len(names) == 1 else f"teacher_{n}"
+            out[f"{key}_val_{task.select}"] = v[task.select]
+        return out
+
     def _finish(self, seconds: float) -> dict:
+        if self.state["best_epoch"] < 0:
+            bad = ", ".join(f"val_{k}" for k in getattr(self, "_nonfinite_val", ["?"]))
+            raise F.NonFiniteError(
+                f"no epoch had finite validation metrics (last epoch: {bad} non-finite)",
+                "the end of training",
+                F.HINT_SKIPPING if self._nan_skip else F.HINT,
+            )
         best = load_weights(self.out_dir / "best.safetensors") if self.out_dir else self._best_state
         self._load_student_state(best)
         res = {
@@ -476,6 +637,8 @@ class Trainer:
             "world": self.dist.world,
             "student_params": sum(v.numel() for v in best.values() if v.is_floating_point()),
         }
+        if self._nan_skip:
+            res["skipped_steps"] = self.state.get("skipped", 0)
         task = self.distiller.task
         res["task"] = {
             "name": task.name,
@@ -483,6 +646,7 @@ class Trainer:
             "mode": task.mode,
             "columns": [list(c) for c in task.columns],
         }
+        res.update(self._teacher_val())
         if self.test is not None:
             t = self.evaluate(self.test)
             res.update({f"test_{k}": x for k, x in t.items() if isinstance(x, (float, list))})
@@ -493,6 +657,6 @@ class Trainer:
                 )
             else:
                 self.distiller.export(self.out_dir / "student.safetensors")
-            (self.out_dir / "results.json").write_text(json.dumps(res, indent=2))
+            write_atomic(self.out_dir / "results.json", json.dumps(res, indent=2))
         D.barrier(self.dist)
         return res

@@ -1,10 +1,44 @@
-"""Metric logs: one JSON object per line (JSONL) and the same rows as CSV."""
+"""Metric logs: one JSON object per line (JSONL) and the same rows as CSV.
+
+Each file is rewritten whole to a temp name and renamed into place (one row per epoch, so
+this is cheap), so a kill leaves the previous log or the new one, never a torn line. A torn
+last line from an older writer is dropped on restore.
+"""
 
 from __future__ import annotations
 
 import csv
+import io
 import json
+import os
 from pathlib import Path
+
+from ..io import atomic_path
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """``path`` holds ``text`` or its previous content, whenever the process dies."""
+    tmp = atomic_path(path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The rows of a JSONL log; unreadable lines (a torn write, a damaged file) are dropped:
+    the checkpoint, not this log, is what a resume continues from."""
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    rows = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
 
 
 class MetricsLog:
@@ -19,26 +53,22 @@ class MetricsLog:
     def restore(self, upto_epoch: int) -> None:
         """Keep only rows of epochs < ``upto_epoch`` (resume after a kill mid-epoch)."""
         if self.jsonl and self.jsonl.is_file():
-            rows = [json.loads(line) for line in self.jsonl.read_text().splitlines() if line]
+            rows = read_rows(self.jsonl)
             self.rows = [r for r in rows if r.get("epoch", 0) < upto_epoch]
-            self._rewrite()
+            self._write()
 
     def append(self, row: dict) -> None:
         self.rows.append(row)
         if self.dir:
-            with open(self.jsonl, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            self._write_csv()
+            self._write()
 
-    def _rewrite(self) -> None:
-        self.jsonl.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
-        self._write_csv()
-
-    def _write_csv(self) -> None:
+    def _write(self) -> None:
+        write_atomic(self.jsonl, "".join(json.dumps(r) + "\n" for r in self.rows))
         keys: list[str] = []
         for r in self.rows:
             keys += [k for k in r if k not in keys]
-        with open(self.dir / "metrics.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=keys)
-            w.writeheader()
-            w.writerows(self.rows)
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=keys, lineterminator="\r\n")
+        w.writeheader()
+        w.writerows(self.rows)
+        write_atomic(self.dir / "metrics.csv", buf.getvalue())

@@ -17,19 +17,26 @@ def lr_at(
     milestones: tuple[float, ...] = (0.5, 0.75),
     gamma: float = 0.1,
     min_lr: float = 0.0,
+    unit: int = 1,
 ) -> float:
-    """Learning rate at ``step`` of ``total``: linear warm-up, then cosine, step or constant.
+    """Learning rate at optimizer ``step`` of ``total``: linear warm-up (per step), then
+    cosine, step or constant.
 
     ``milestones`` are fractions of training after which the step schedule multiplies by
-    ``gamma``.
+    ``gamma``; ``min_lr`` floors the cosine and step schedules. ``unit`` > 1 (the steps of one
+    epoch, for ``schedule_unit: epoch``) holds the decay at its value from the start of each
+    block of ``unit`` steps, as per-epoch schedulers do; ``unit=1`` is the per-step schedule.
     """
     if warmup > 0 and step < warmup:
         return base * (step + 1) / warmup
     if schedule == "constant":
         return base
-    progress = (step - warmup) / max(1, total - warmup)
+    at = step if unit <= 1 else step - step % unit
+    progress = (at - warmup) / max(1, total - warmup)
+    if unit > 1:
+        progress = max(0.0, progress)
     if schedule == "cosine":
         return min_lr + (base - min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     if schedule == "step":
-        return base * gamma ** sum(progress >= m for m in milestones)
+        return max(min_lr, base * gamma ** sum(progress >= m for m in milestones))
     raise ValueError(f"unknown schedule {schedule!r}; allowed: {', '.join(SCHEDULES)}")
