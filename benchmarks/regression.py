@@ -152,7 +152,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="benchmarks/results/regression.json")
     p.add_argument("--compare", help="a previous output to compare against")
     args = p.parse_args(argv)
-    res = collect()
+    from crossdistill.train.console import quiet
+
+    with quiet():  # a table, not every toy run's epoch lines
+        res = collect()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=2))
     if args.compare:

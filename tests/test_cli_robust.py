@@ -5,6 +5,7 @@ import os
 
 import pytest
 import yaml
+from cli_helpers import one_line_error
 
 import crossdistill
 from crossdistill import cli
@@ -26,13 +27,7 @@ def _cfg(tmp_path, cfg=None, name="c.yaml"):
     return str(p)
 
 
-def _err(capsys, argv) -> str:
-    rc = main(argv)
-    err = capsys.readouterr().err
-    assert rc == 2, err
-    lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("crossdistill: error:"), err
-    return lines[0]
+_err = one_line_error
 
 
 # -- --set ---------------------------------------------------------------------------------

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from cli_helpers import one_line_error
 
 from crossdistill import config as C
-from crossdistill.cli import main
 from crossdistill.data.audio import read_wav
 from crossdistill.errors import ConfigError, show
 from crossdistill.io import file_mode, save_weights
@@ -28,13 +28,7 @@ BASE = {
 }
 
 
-def _one_line_error(capsys, argv) -> str:
-    rc = main(argv)
-    err = capsys.readouterr().err
-    assert rc == 2, err
-    lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("crossdistill: error:"), err
-    return lines[0]
+_one_line_error = one_line_error
 
 
 def _train_err(capsys, path) -> str:

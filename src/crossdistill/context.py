@@ -42,5 +42,6 @@ def masked_mean(
                 f"values {tuple(value.shape)} vs mask {tuple(mask.shape)}",
                 "a loss's per-position values must have the mask's shape (or its leading dims)",
             )
-    mask = mask.to(value.device)
+    if mask.device != value.device:
+        mask = mask.to(value.device)
     return torch.where(mask, value, 0.0).sum() / mask.sum().clamp_min(1)

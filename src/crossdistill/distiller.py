@@ -246,6 +246,7 @@ class Distiller(nn.Module):
         self._last_losses: dict[str, torch.Tensor] = {}
         self.hooks = list(hooks)
         self.prepare = nn.ModuleList([_prepare_stage(p) for p in prepare])
+        self._has_prepare = len(self.prepare) > 0
         self._calls = 0  # forwards since the last set_progress (gradient accumulation)
         self.structure_log: list[dict] = []
         self.structure_changed = False
@@ -285,8 +286,9 @@ class Distiller(nn.Module):
                 hooked = self._tap_map(terms_here, "teacher")
                 self._t_caps[name] = Capture(model, hooked, "teacher tap")
         # (name, is a store, must run) per teacher, asked once: getattr on a module is slow
-        self._t_plan = [
-            (n, _is_store(m), _is_store(m) or self._needs_call(n)) for n, m in self.teachers.items()
+        self._t_plan = [  # (a plain reference per teacher: no nn.Module lookup per step)
+            (n, _is_store(m), _is_store(m) or self._needs_call(n), m)
+            for n, m in self.teachers.items()
         ]
         self._plan: list[tuple] = []  # per term, resolved by build (see _make_plan)
         self._step_modules: list[nn.Module] = []
@@ -475,10 +477,10 @@ class Distiller(nn.Module):
         """Every teacher tap's value for ``batch``, keyed ``(teacher name, tap)``: run online
         (frozen, no grad) through its adapter, or looked up by ``batch["idx"]`` in a store."""
         out = {}
-        for name, store, needed in self._t_plan:
+        for name, store, needed, model in self._t_plan:
             if not needed:
                 continue
-            model, cap = self.teachers[name], self._t_caps[name]
+            cap = self._t_caps[name]
             if store:
                 if "idx" not in batch:
                     raise ConfigError("batch", sorted(batch), "a teacher store needs batch['idx']")
@@ -542,16 +544,19 @@ class Distiller(nn.Module):
         in epochs of ``steps_per_epoch`` steps (default: the whole run is one epoch);
         ``epoch`` gives the fractional epoch directly (the Trainer passes it per micro-batch)."""
         step, total_steps = int(step), int(total_steps)
-        per = max(steps_per_epoch or total_steps, 1)
-        # plain attributes, set past nn.Module.__setattr__ (it costs ~1 us each, per step)
-        self.__dict__.update(
-            step=step,
-            total_steps=total_steps,
-            steps_per_epoch=steps_per_epoch or total_steps,
-            epoch=step / per if epoch is None else float(epoch),
-            total_epochs=max(1, round(total_steps / per)),
-            _calls=0,
-        )
+        d = self.__dict__  # plain attributes, set past nn.Module.__setattr__ (~1 us each)
+        if d.get("total_steps") != total_steps or d.get("_per_arg") != steps_per_epoch:
+            per = max(steps_per_epoch or total_steps, 1)
+            d.update(
+                total_steps=total_steps,
+                steps_per_epoch=steps_per_epoch or total_steps,
+                total_epochs=max(1, round(total_steps / per)),
+                _per=per,
+                _per_arg=steps_per_epoch,
+            )
+        d["step"] = step
+        d["epoch"] = step / d["_per"] if epoch is None else float(epoch)
+        d["_calls"] = 0
 
     def _check_progress(self) -> None:
         if self.total_steps is None and not self._warned_progress:
@@ -568,7 +573,7 @@ class Distiller(nn.Module):
     def prepare_batch(self, batch: Mapping) -> dict:
         """Run the ``prepare`` stages (training only), each seeded by (seed, stage, step,
         call), so a resumed run draws exactly what an uninterrupted one would."""
-        if not len(self.prepare) or not self.training:
+        if not self.__dict__["_has_prepare"] or not self.training:
             return batch
         batch = dict(batch)
         dev = next(iter(batch.values())).device

@@ -32,8 +32,13 @@ def _upcast(x: Tensor) -> Tensor:
 def _pair(s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
     """Detach the teacher and bring both to one dtype of at least float32 precision."""
     t = t.detach()
+    if s.dtype == t.dtype and s.dtype in _WIDE:  # the common case, without the conversions
+        return s, t
     dtype = torch.promote_types(torch.promote_types(s.dtype, t.dtype), torch.float32)
     return s.to(dtype), t.to(dtype)
+
+
+_WIDE = (torch.float32, torch.float64)
 
 
 def _no_autocast(x: Tensor) -> torch.autocast:

@@ -22,7 +22,9 @@ class Classification(Task):
         self.views = _views(views)
 
     def update(self, sums, logits, batch, keep=None, out=None):
-        y = batch[self.target].to(logits.device)
+        y = batch[self.target]
+        if y.device != logits.device:
+            y = y.to(logits.device)
         ok = valid_targets(y, keep)
         z = logits.detach().float()
         hit = z.argmax(-1) == y  # never true where y == -100 (argmax >= 0)

@@ -61,14 +61,18 @@ class StepGuard:
             if dev not in self._found:
                 self._found[dev] = torch.zeros(1, device=dev)
                 self._one[dev] = torch.ones(1, device=dev)
-            found = self._found[dev]
-            found.zero_()
+            found = self._found[dev]  # 0 unless the last check failed (then zeroed there)
             torch._amp_foreach_non_finite_check_and_unscale_(group, found, self._one[dev])
             flags.append(found)
         found = flags[0] if len(flags) == 1 else sum(f.cpu() for f in flags)
         if dist is not None and dist.active:  # every rank takes the same decision
+            found = found.clone()
             torch.distributed.all_reduce(found)
-        return not found.item()
+        bad = found.item()
+        if bad:
+            for f in flags:
+                f.zero_()
+        return not bad
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,6 @@ after a kill reproduces the uninterrupted run's weights bit for bit on CPU.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -398,15 +397,14 @@ class Trainer:
 
     def _forward_backward(self, batch):
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-        ctx = (
-            torch.autocast(self.device.type, dtype=self.amp_dtype)
-            if self.amp_dtype
-            else contextlib.nullcontext()
-        )
-        with ctx:
+        if self.amp_dtype:
+            with torch.autocast(self.device.type, dtype=self.amp_dtype):
+                out = self.model(batch)
+        else:
             out = self.model(batch)
         acc = self.cfg.accumulate
-        self.scaler.scale(out.total if acc == 1 else out.total / acc).backward()  # x/1 is x
+        loss = out.total if acc == 1 else out.total / acc  # x/1 is x
+        (self.scaler.scale(loss) if self.scaler.is_enabled() else loss).backward()
         return out
 
     def _optimizer_step(self, out=None):
@@ -422,8 +420,10 @@ class Trainer:
             min_lr=c.min_lr,
             unit=self.steps_per_epoch if c.schedule_unit == "epoch" else 1,
         )
-        for g in self.opt.param_groups:
-            g["lr"] = lr
+        groups = self.opt.param_groups
+        if groups[0]["lr"] != lr or len(groups) > 1:  # (a constant schedule: set once)
+            for g in groups:
+                g["lr"] = lr
         if c.grad_clip:
             self.scaler.unscale_(self.opt)
             torch.nn.utils.clip_grad_norm_(self.distiller.parameters(), c.grad_clip)
@@ -495,6 +495,22 @@ class Trainer:
         additions as one add per key. ``state["sums"]`` holds views of that vector."""
         sums, k = self.state["sums"], len(out.logits)
         total = out.total.detach().float()
+        fast = self.__dict__.get("_acc_fast")  # what the last step stacked, if it still holds
+        if fast is not None and fast[0] is sums and fast[1] == k and fast[2] == tuple(out.losses):
+            vals = [fast[3], total]
+            if fast[4] is not None:
+                task_sums = {}
+                self.distiller.task.update(task_sums, out.logits, batch)
+                if tuple(task_sums) == fast[4]:
+                    vals += task_sums.values()
+                    vals += [v.detach().float() for v in out.losses.values()]
+                    fast[6].add_(torch.stack(vals).mul_(fast[5]))
+                    return
+            else:
+                vals += [v.detach().float() for v in out.losses.values()]
+                fast[6].add_(torch.stack(vals).mul_(fast[5]))
+                return
+        self._acc_fast = None
         step = {}
         if self.distiller.task.train_metrics:
             task_sums = {}
@@ -527,6 +543,13 @@ class Trainer:
             self._sums_acc = (sums, keys, vector)
         for key, v in other.items():
             sums[key] = sums[key] + v if key in sums else v
+        if not other:  # the next steps stack the same keys: skip the bookkeeping above
+            task_keys = tuple(key[5:] for key in keys if key.startswith("task:"))
+            has_task = bool(self.distiller.task.train_metrics)
+            self._acc_fast = (
+                sums, k, tuple(out.losses), vals[0], task_keys if has_task else None,
+                scale, self._sums_acc[2],
+            )
 
     @staticmethod
     def _floats(sums: dict) -> dict:
