@@ -266,7 +266,10 @@ def test_collaborative_input_errors():
 
 @pytest.fixture(scope="module")
 def mnist4():
-    return cd.data.load("mnist", "val", limit=4)
+    try:
+        return cd.data.load("mnist", "val", limit=4)
+    except ConfigError:  # a checkout without ../shared/data
+        pytest.skip("MNIST IDX files not present (../shared/data/mnist-t10k)")
 
 
 @pytest.mark.parametrize(
