@@ -66,7 +66,8 @@ def _teacher(cache: Path, data: dict, epochs: int) -> tuple[Path, dict]:
     run = cache / f"teacher-{cfg.digest()}"
     if not (run / "results.json").is_file():
         tqdm.write(f"training the CNN teacher ({epochs} epochs) -> {run}")
-        make_trainer(cfg, run).fit()
+        with quiet():
+            make_trainer(cfg, run).fit()
         (run / "config.yaml").write_text(C.dump(cfg))
     else:
         tqdm.write(f"reusing the cached teacher {run}")
@@ -87,7 +88,7 @@ def run_demo(
     ckpt, t_res = _teacher(Path("runs/cache"), data, t_epochs)
     jobs = [(s, r, seed) for s in STUDENTS for r in RECIPES for seed in range(seeds)]
     rows = []
-    bar = tqdm(jobs, desc="demo: students", unit="run", dynamic_ncols=True)
+    bar = tqdm(jobs, desc="demo: students", unit="run", dynamic_ncols=True, disable=None)
     for student, recipe, seed in bar:
         bar.set_postfix_str(f"{student}/{recipe}/seed{seed}")
         spec, feat = STUDENTS[student]
