@@ -10,6 +10,7 @@ from .features import at, cosine, l1, mse, smooth_l1
 from .logits import ce, dist, dkd, kd, rkl
 from .relations import pkt, rkd, sp
 from .review import ReviewKDLoss
+from .sequence import fkl, jsd, skl, srkl, tvd
 
 __all__ = [
     "CRDLoss",
@@ -19,13 +20,18 @@ __all__ = [
     "cosine",
     "dist",
     "dkd",
+    "fkl",
+    "jsd",
     "kd",
     "l1",
     "mse",
     "pkt",
     "rkd",
     "rkl",
+    "skl",
     "smooth_l1",
     "sp",
+    "srkl",
+    "tvd",
 ]
 from .hetero import CrossAttentionProjector, HFDLoss, TAIDLoss, bsd, dct_mse, dml, ofa, pld  # noqa: E402,F401

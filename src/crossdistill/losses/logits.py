@@ -20,6 +20,7 @@ from torch import Tensor
 from ..errors import ConfigError
 from ..registry import LOSSES
 from ..schema import Fraction, NonNeg, Temperature
+from .divergences import kl
 from .features import _pair, _upcast
 
 _MASK = 1000.0  # subtracted from the target logit so it vanishes from the NCKD softmax
@@ -139,7 +140,7 @@ def rkl(s: Tensor, t: Tensor, *, temperature: Temperature = 1.0) -> Tensor:
     s, t = _pair(s, t)
     log_p_s = F.log_softmax(s / temperature, dim=-1)
     log_p_t = F.log_softmax(t / temperature, dim=-1)
-    return (log_p_s.exp() * (log_p_s - log_p_t)).sum(-1) * temperature**2
+    return kl(log_p_s, log_p_t) * temperature**2
 
 
 def _binary_target_kl(s: Tensor, t: Tensor, onehot: Tensor, temperature: float) -> Tensor:
