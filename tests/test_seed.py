@@ -64,6 +64,17 @@ def test_make_trainer_seeds_models_and_projectors(tmp_path, one_thread, digits, 
         assert torch.equal(v, states[1][k]), k
 
 
+def test_a_seed_override_seeds_the_student_too(tmp_path, one_thread, digits, monkeypatch):
+    """``make_trainer(cfg, seed=s)`` builds the student ``train.seed: s`` would."""
+    monkeypatch.setattr("crossdistill.build.load_splits", lambda cfg: digits)
+    cfg = C.load(_config(tmp_path))
+    by_override = make_trainer(cfg, None, seed=5).distiller.student.state_dict()
+    cfg.train.seed = 5
+    by_config = make_trainer(cfg, None).distiller.student.state_dict()
+    for k, v in by_override.items():
+        assert torch.equal(v, by_config[k]), k
+
+
 @pytest.mark.slow
 def test_two_processes_give_identical_weights(tmp_path):
     cfg = _config(tmp_path)

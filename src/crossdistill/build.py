@@ -5,6 +5,8 @@ from __future__ import annotations
 import inspect
 from pathlib import Path
 
+import torch
+
 from . import data as D
 from . import models, resources
 from .config import RunConfig
@@ -35,22 +37,24 @@ def task_of(cfg: RunConfig):
     return tasks.build(spec)
 
 
-def _zoo_defaults(data: D.Dataset) -> dict:
+def zoo_kwargs(spec, field: str, data: D.Dataset) -> dict:
+    """A zoo model's constructor arguments: the config's, over what the data implies
+    (``num_classes``; ``in_channels`` and ``img_size`` for images) where the factory takes it.
+    The export's JSON spec records exactly these."""
     shape = data.input_shape
-    out = {"num_classes": data.num_classes}
+    implied = {"num_classes": data.num_classes}
     if len(shape) == 3:  # (C, H, W) images
-        out.update(in_channels=shape[0], img_size=shape[1] if shape[1] == shape[2] else shape[1:])
-    return out
+        implied.update(
+            in_channels=shape[0], img_size=shape[1] if shape[1] == shape[2] else shape[1:]
+        )
+    params = inspect.signature(models.MODELS.get(spec.model, field)).parameters
+    return {**{k: v for k, v in implied.items() if k in params}, **spec.kwargs()}
 
 
 def make_model(spec, field: str, data: D.Dataset, *, checkpoint: bool = True):
     kind = spec.kind(field)
     if kind == "model":
-        defaults = _zoo_defaults(data)
-        factory = models.MODELS.get(spec.model, field)
-        params = inspect.signature(factory).parameters
-        defaults = {k: v for k, v in defaults.items() if k in params}
-        model = models.create(spec.model, field=field, **{**defaults, **spec.kwargs()})
+        model = models.create(spec.model, field=field, **zoo_kwargs(spec, field, data))
     else:
         from .models.hf import create_hf
 
@@ -185,7 +189,10 @@ def make_teacher(spec, field: str, train: D.Dataset, base: Path | None = None, r
     return make_model(spec, field, train), spec.io()
 
 
-def make_distiller(cfg: RunConfig, splits: dict[str, D.Dataset]) -> Distiller:
+def make_distiller(
+    cfg: RunConfig, splits: dict[str, D.Dataset], seed: int | None = None
+) -> Distiller:
+    """The distiller of ``cfg``; the student starts from ``seed`` (default ``train.seed``)."""
     train = splits["train"]
     if cfg.teacher is not None and cfg.teachers:
         raise ConfigError("teachers", sorted(cfg.teachers), "use either teacher or teachers")
@@ -205,9 +212,8 @@ def make_distiller(cfg: RunConfig, splits: dict[str, D.Dataset]) -> Distiller:
         from .teachers import Mixture
 
         mixture = Mixture(**cfg.mixture.model_dump())
-    import torch
-
-    torch.manual_seed(cfg.train.seed)  # the student's init cannot depend on a cached teacher
+    # the student's init cannot depend on a cached teacher (training one draws numbers)
+    torch.manual_seed(cfg.train.seed if seed is None else seed)
     student = make_model(cfg.student, "student", train)
     hooks = []
     terms = make_terms(cfg)
@@ -273,19 +279,12 @@ def make_trainer(cfg: RunConfig, out_dir: str | Path | None = None, **overrides)
     """Everything checked and built; nothing trained yet. ``trainer.fit()`` trains."""
     resources.check(cfg)  # device, data size, memory: before any data load or build
     splits = load_splits(cfg)
-    import torch  # models, projectors and heads start from the run's seed: same seed, same bits
-
-    torch.manual_seed(overrides.get("seed", cfg.train.seed))
-    distiller = make_distiller(cfg, splits)
+    seed = overrides.get("seed", cfg.train.seed)
+    torch.manual_seed(seed)  # models, projectors and heads start from the run's seed
+    distiller = make_distiller(cfg, splits, seed)
     tc = train_config(cfg)
     for k, v in overrides.items():
         setattr(tc, k, v)
     return Trainer(
         distiller, splits["train"], splits["val"], splits["test"], config=tc, out_dir=out_dir
     )
-
-
-def default_out_dir(cfg: RunConfig) -> Path:
-    from .rundir import default_out_dir as checked  # refuses ../x names, unwritable dirs
-
-    return checked(cfg)

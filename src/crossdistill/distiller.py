@@ -23,7 +23,7 @@ from . import projectors as P
 from . import tasks as _tasks
 from .adapters import ModelIO, select
 from .context import Context, masked_mean
-from .errors import ConfigError
+from .errors import ConfigError, describe
 from .registry import LOSSES
 from .taps import LOGITS, OUTPUT, Capture, Tap, resolve
 
@@ -156,12 +156,11 @@ def _first_call(io: ModelIO, model: nn.Module, batch: Mapping, **flags):
     except ConfigError:
         raise
     except (TypeError, RuntimeError, ValueError, IndexError, KeyError) as err:
-        text = (str(err).strip().splitlines() or [""])[0][:300]
         shapes = {k: tuple(v.shape) for k, v in batch.items() if torch.is_tensor(v)}
         raise ConfigError(
             io.field,
             type(model).__name__,
-            f"cannot run on the data's first batch {shapes} ({type(err).__name__}: {text}); "
+            f"cannot run on the data's first batch {shapes} ({describe(err, 300)}); "
             f"check its inputs (adapter), sizes (img_size, in_channels) and the data",
         ) from None
 

@@ -42,6 +42,13 @@ def show(value, limit: int = MAX_VALUE_CHARS) -> str:
     return one_line(text, limit)
 
 
+def describe(err: BaseException, limit: int = 240) -> str:
+    """``Type: first line of the message`` (cut to ``limit``): how a foreign exception
+    (torch, transformers, tokenizers) is quoted inside a one-line error."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0][:limit]}" if lines else type(err).__name__
+
+
 class ConfigError(ValueError):
     """Bad user input, detected before any training starts."""
 

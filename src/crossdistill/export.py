@@ -21,7 +21,6 @@ no pickle). The run directory is only read, so a run on a read-only mount export
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 from pathlib import Path
@@ -29,10 +28,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .data.sources import PIXEL_MAX
 from .errors import ConfigError
 
 FORMAT = "crossdistill-export/1"
-PIXEL_MAX = {"digits": 16, "mnist": 255}  # raw pixel range of the image sources (sources.py)
 
 
 def _jsonable(value, limit: int = 20_000):
@@ -42,16 +41,6 @@ def _jsonable(value, limit: int = 20_000):
     except (TypeError, ValueError):
         return None
     return json.loads(text) if len(text) <= limit else None
-
-
-def model_kwargs(spec, data) -> dict:
-    """A zoo student's constructor arguments exactly as ``build.make_model`` passes them."""
-    from . import models
-    from .build import _zoo_defaults
-
-    params = inspect.signature(models.MODELS.get(spec.model, "student")).parameters
-    defaults = {k: v for k, v in _zoo_defaults(data).items() if k in params}
-    return {**defaults, **spec.kwargs()}
 
 
 def preprocessing(cfg, train) -> dict:
@@ -88,12 +77,13 @@ def build_spec(cfg, train, results: dict | None = None, hf_dir: str | None = Non
     """The JSON spec of a run's student (see the module docstring)."""
     from . import __version__
     from .adapters import ModelIO
-    from .build import task_of
+    from .build import task_of, zoo_kwargs
 
     task = task_of(cfg)
     s = cfg.student
     if s.kind("student") == "model":
-        model = {"kind": "zoo", "name": s.model, "kwargs": _jsonable(model_kwargs(s, train))}
+        kwargs = zoo_kwargs(s, "student", train)  # exactly what make_model passes
+        model = {"kind": "zoo", "name": s.model, "kwargs": _jsonable(kwargs)}
     else:
         model = {
             "kind": "hf",

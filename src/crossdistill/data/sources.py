@@ -26,6 +26,7 @@ MNIST_DEFAULT_ROOTS = (  # relative ones resolve against the project (the repo c
 )
 PROJECT = Path(__file__).resolve().parents[3]  # src/crossdistill/data/sources.py -> repo
 MAX_IDX_BYTES = 1 << 30  # 1 GiB decompressed: MNIST's largest file is 47 MB
+PIXEL_MAX = {"digits": 16, "mnist": 255}  # raw pixel range of each image source (x / max)
 IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
@@ -33,7 +34,7 @@ def digits() -> tuple[np.ndarray, np.ndarray]:
     from sklearn.datasets import load_digits
 
     d = load_digits()
-    x = (d.images.astype(np.float32) / 16.0)[:, None]  # (1797, 1, 8, 8)
+    x = (d.images.astype(np.float32) / float(PIXEL_MAX["digits"]))[:, None]  # (1797, 1, 8, 8)
     return x, d.target.astype(np.int64)
 
 
@@ -139,7 +140,7 @@ def mnist(root: str | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
                     "data.root", str(bad), f"IDX file of shape {arr.shape}; MNIST images are "
                     "(N, H, W) and labels (N,)"
                 )
-            x, y = x.astype(np.float32)[:, None] / 255.0, y.astype(np.int64)
+            x, y = x.astype(np.float32)[:, None] / float(PIXEL_MAX["mnist"]), y.astype(np.int64)
             if len(x) != len(y):
                 raise ConfigError(
                     "data.root", str(r), f"{part}: {len(x)} images but {len(y)} labels"

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from torch import nn
 
-from ..errors import ConfigError, nearest
+from ..errors import ConfigError, describe, nearest
 
 HEADS = {
     "causal_lm": "AutoModelForCausalLM",
@@ -70,11 +70,6 @@ def _auto_class(head: str, field: str):
     if head not in HEADS:
         raise ConfigError(f"{field}.head", head, f"allowed: {', '.join(HEADS)}")
     return getattr(transformers, HEADS[head])
-
-
-def _describe(err: Exception) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0][:240]}" if text else type(err).__name__
 
 
 def _files(p: Path) -> str:
@@ -153,7 +148,7 @@ def create_hf(
         try:
             cfg = AutoConfig.for_model(hf, **config)
         except Exception as err:  # noqa: BLE001  (transformers' own validators raise many types)
-            msg = f"rejected by {hf}: {_describe(err)}"
+            msg = f"rejected by {hf}: {describe(err)}"
             raise ConfigError(f"{field}.config", config, msg) from None
         source, load = hf, lambda: auto.from_config(cfg, attn_implementation=attn_implementation)
     else:
@@ -162,7 +157,7 @@ def create_hf(
             cfg = AutoConfig.from_pretrained(str(p), local_files_only=True)
         except Exception as err:
             raise ConfigError(f"{field}.hf_path", str(hf_path),
-                              f"config.json is not loadable ({_describe(err)})") from None
+                              f"config.json is not loadable ({describe(err)})") from None
         _check_config(type(cfg), config, cfg.model_type, field)
         for key, value in config.items():
             setattr(cfg, key, value)
@@ -185,13 +180,13 @@ def create_hf(
             raise ConfigError(f"{field}.head", head,
                               f"{source} has no {HEADS[head]} model; try another of: "
                               f"{', '.join(h for h in HEADS if h != head)}") from None
-        raise ConfigError(f"{field}.hf", source, f"could not be built: {_describe(err)}") from None
+        raise ConfigError(f"{field}.hf", source, f"could not be built: {describe(err)}") from None
     except OSError as err:
-        msg = f"could not be loaded: {_describe(err)}"
+        msg = f"could not be loaded: {describe(err)}"
         raise ConfigError(f"{field}.hf_path", source, msg) from None
     except (RuntimeError, TypeError, IndexError) as err:  # e.g. a negative size in config
         where = f"{field}.config" if hf else f"{field}.hf_path"
-        msg = f"could not be built: {_describe(err)}"
+        msg = f"could not be built: {describe(err)}"
         raise ConfigError(where, config or source, msg) from None
     return _mark(model)
 

@@ -23,24 +23,14 @@ def read_json(path: Path) -> dict:
 
 def read_jsonl(path: Path) -> tuple[list[dict], int]:
     """The rows of a metrics log and how many lines were unreadable (a kill can tear one)."""
+    from ..train.metrics import read_rows
+
     try:
-        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        rows, bad = read_rows(path)
     except OSError as err:
         raise ConfigError("run_dir", str(path), f"cannot read ({err.strerror})") from None
-    rows, bad = [], 0
-    for line in lines:
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            bad += 1
-            continue
-        if isinstance(row, dict) and isinstance(row.get("epoch"), int):
-            rows.append(row)
-        else:
-            bad += 1
-    return rows, bad
+    kept = [r for r in rows if isinstance(r.get("epoch"), int)]
+    return kept, bad + len(rows) - len(kept)
 
 
 def finite(v) -> bool:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..errors import ConfigError, describe
 
 SPECIAL = "<|endoftext|>"  # bos = eos = pad
 UNK = "<unk>"  # char tokenizer only: characters never seen in the training text
@@ -145,10 +145,9 @@ def load_tokenizer(path, field: str = "tokenizer"):
 
         return AutoTokenizer.from_pretrained(str(p), local_files_only=True)
     except Exception as err:  # corrupt JSON, missing files, unknown class: one clear line
-        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
         raise ConfigError(
             field, str(path),
-            f"not a loadable tokenizer ({type(err).__name__}: {first}); files present: {files}",
+            f"not a loadable tokenizer ({describe(err, 200)}); files present: {files}",
         ) from None
 
 

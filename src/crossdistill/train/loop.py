@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from ..data import Dataset
 from ..data.loaders import eval_batches, make_batches
-from ..errors import ConfigError
+from ..errors import ConfigError, describe
 from ..io import load_weights, save_weights
 from . import checkpoint
 from . import distributed as D
@@ -305,10 +305,9 @@ class Trainer:
         except (RuntimeError, ValueError, KeyError) as err:  # another student's shapes
             if isinstance(err, ConfigError):
                 raise
-            text = (str(err).strip().splitlines() or [""])[0][:200]
             raise ConfigError(
                 "--resume", str(self._ckpt_path()), f"the checkpoint does not fit this config's "
-                f"student ({type(err).__name__}: {text}); resume with the run's own config"
+                f"student ({describe(err, 200)}); resume with the run's own config"
             ) from None
         self.scaler.load_state_dict(ck["scaler"])
         torch.set_rng_state(ck["rng"]["cpu"][self.dist.rank])
@@ -420,9 +419,8 @@ class Trainer:
             min_lr=c.min_lr,
             unit=self.steps_per_epoch if c.schedule_unit == "epoch" else 1,
         )
-        groups = self.opt.param_groups
-        if groups[0]["lr"] != lr or len(groups) > 1:  # (a constant schedule: set once)
-            for g in groups:
+        for g in self.opt.param_groups:
+            if g["lr"] != lr:  # (a constant schedule writes it once)
                 g["lr"] = lr
         if c.grad_clip:
             self.scaler.unscale_(self.opt)
@@ -492,64 +490,48 @@ class Trainer:
         A step's float32 scalars (sample count, total, each term, the task's training sums)
         are stacked, scaled and added to the epoch's sums in one in-place add, so three
         kernels instead of about ten; element by element these are the same float32
-        additions as one add per key. ``state["sums"]`` holds views of that vector."""
+        additions as one add per key. ``state["sums"]`` holds views of that vector; other
+        values (e.g. a confusion matrix) keep their own add."""
         sums, k = self.state["sums"], len(out.logits)
         total = out.total.detach().float()
-        fast = self.__dict__.get("_acc_fast")  # what the last step stacked, if it still holds
-        if fast is not None and fast[0] is sums and fast[1] == k and fast[2] == tuple(out.losses):
-            vals = [fast[3], total]
-            if fast[4] is not None:
-                task_sums = {}
-                self.distiller.task.update(task_sums, out.logits, batch)
-                if tuple(task_sums) == fast[4]:
-                    vals += task_sums.values()
-                    vals += [v.detach().float() for v in out.losses.values()]
-                    fast[6].add_(torch.stack(vals).mul_(fast[5]))
-                    return
-            else:
-                vals += [v.detach().float() for v in out.losses.values()]
-                fast[6].add_(torch.stack(vals).mul_(fast[5]))
-                return
-        self._acc_fast = None
-        step = {}
+        task_sums: dict = {}
         if self.distiller.task.train_metrics:
-            task_sums = {}
             self.distiller.task.update(task_sums, out.logits, batch)
-            step.update({f"task:{key}": v for key, v in task_sums.items()})
-        step.update({f"loss_{name}": v.detach().float() for name, v in out.losses.items()})
-        keys, vals, other = ["n", "loss"], [total, total], {}
-        for key, v in step.items():  # float32 scalars are stacked; the rest keeps its own add
-            if torch.is_tensor(v) and v.dim() == 0 and v.dtype == torch.float32:
-                keys.append(key)
-                vals.append(v)
-            else:
-                other[key] = v
-        keys = tuple(keys)
-        cache = self.__dict__.setdefault("_sum_scales", {})
-        if (k, keys) not in cache:  # (1, then k for summed means and 1 for task sums)
-            one = total.new_ones(())
-            scale = [1.0 if key.startswith("task:") else float(k) for key in keys]
-            cache[(k, keys)] = one, torch.tensor(scale, device=total.device)
-        vals[0], scale = cache[(k, keys)]
-        vec = torch.stack(vals).mul_(scale)
-        acc = self.__dict__.get("_sums_acc")  # (the sums dict, its keys, their vector)
-        if acc is not None and acc[0] is sums and acc[1] == keys:
-            acc[2].add_(vec)
-        else:  # an epoch's first step, or the first after a resume (sums hold floats)
-            for key, v in zip(keys, vec.unbind()):
-                sums[key] = sums[key] + v if key in sums else v
-            vector = torch.stack([torch.as_tensor(sums[key], device=vec.device) for key in keys])
-            sums.update(zip(keys, vector.unbind()))
-            self._sums_acc = (sums, keys, vector)
-        for key, v in other.items():
-            sums[key] = sums[key] + v if key in sums else v
-        if not other:  # the next steps stack the same keys: skip the bookkeeping above
-            task_keys = tuple(key[5:] for key in keys if key.startswith("task:"))
-            has_task = bool(self.distiller.task.train_metrics)
-            self._acc_fast = (
-                sums, k, tuple(out.losses), vals[0], task_keys if has_task else None,
-                scale, self._sums_acc[2],
-            )
+        losses = [v.detach().float() for v in out.losses.values()]
+        plan = self.__dict__.get("_sum_plan")
+        sig = (k, tuple(task_sums), tuple(out.losses))
+        if plan is None or plan[0] is not sums or plan[1] != sig:
+            vals = [total, total, *task_sums.values(), *losses]
+            plan = self._sum_plan = self._plan_sums(sums, sig, vals)
+        _, _, one, scale, vector, keep, others = plan
+        vals = [one, total, *task_sums.values(), *losses]
+        if others:
+            for key, i in others:
+                sums[key] = sums[key] + vals[i] if key in sums else vals[i]
+            vals = [vals[i] for i in keep]
+        vector.add_(torch.stack(vals).mul_(scale))
+
+    def _plan_sums(self, sums: dict, sig: tuple, vals: list) -> tuple:
+        """How a step's values join ``sums`` while the batch size and the keys stay the same:
+        the float32 scalars as one vector (views of it go into ``sums``, starting from what
+        ``sums`` already holds: floats after a resume, views of an earlier vector), scaled by
+        the sample count (the count itself, summed means) or 1 (the task's sums)."""
+        k, task_keys, loss_names = sig
+        keys = ["n", "loss", *(f"task:{t}" for t in task_keys), *(f"loss_{n}" for n in loss_names)]
+        keep = [
+            i for i, v in enumerate(vals)
+            if torch.is_tensor(v) and v.dim() == 0 and v.dtype == torch.float32
+        ]
+        others = [(keys[i], i) for i in range(len(keys)) if i not in keep]
+        dev = vals[1].device
+        scale = torch.tensor(
+            [1.0 if keys[i].startswith("task:") else float(k) for i in keep], device=dev
+        )
+        vector = torch.stack(
+            [torch.as_tensor(sums.get(keys[i], 0.0), dtype=torch.float32, device=dev) for i in keep]
+        )
+        sums.update(zip([keys[i] for i in keep], vector.unbind()))
+        return sums, sig, vals[1].new_ones(()), scale, vector, keep, others
 
     @staticmethod
     def _floats(sums: dict) -> dict:

@@ -26,19 +26,23 @@ def write_atomic(path: Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def read_rows(path: Path) -> list[dict]:
-    """The rows of a JSONL log; unreadable lines (a torn write, a damaged file) are dropped:
-    the checkpoint, not this log, is what a resume continues from."""
-    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
-    rows = []
+def read_rows(path: Path) -> tuple[list[dict], int]:
+    """The rows of a JSONL log and how many lines were dropped as unreadable (a torn write,
+    a damaged file): the checkpoint, not this log, is what a resume continues from."""
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    rows, skipped = [], 0
     for line in lines:
+        if not line.strip():
+            continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
-            continue
+            row = None
         if isinstance(row, dict):
             rows.append(row)
-    return rows
+        else:
+            skipped += 1
+    return rows, skipped
 
 
 class MetricsLog:
@@ -53,7 +57,7 @@ class MetricsLog:
     def restore(self, upto_epoch: int) -> None:
         """Keep only rows of epochs < ``upto_epoch`` (resume after a kill mid-epoch)."""
         if self.jsonl and self.jsonl.is_file():
-            rows = read_rows(self.jsonl)
+            rows, _ = read_rows(self.jsonl)
             self.rows = [r for r in rows if r.get("epoch", 0) < upto_epoch]
             self._write()
 
