@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all lint bench-speed bench-hetero bench-condense bench-regression clean
+.PHONY: demo test test-all lint bench-speed bench-hetero bench-condense bench-regression bench-lm bench-lm-peers clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -39,3 +39,10 @@ bench-condense: $(STAMP)
 
 bench-regression: $(STAMP)
 	$(BIN)/python benchmarks/regression.py --compare benchmarks/results/regression_before.json
+
+bench-lm: $(STAMP)
+	$(BIN)/python benchmarks/lm.py
+
+bench-lm-peers: $(STAMP)  # TRL side by side (the optional peers extra)
+	$(BIN)/python -c "import trl" 2>/dev/null || $(BIN)/python -m pip install -q -e ".[peers]"
+	$(BIN)/python benchmarks/lm_peers.py

@@ -68,6 +68,8 @@ def run_methods(splits) -> dict:
     out = {}
     teacher = _teacher(splits)
     for name in METHODS.names():
+        if METHODS.meta(name).get("family") == "sequence":  # LM methods: not image classifiers
+            continue
         student = _model("vit" if name in ("ofa", "scalekd") else "cnn", 1)
         t = None if name == "scratch" else teacher
         if name in ("collaborative", "dml"):

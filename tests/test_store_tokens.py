@@ -188,3 +188,34 @@ def test_bfloat16_store_reads_through_the_memory_map(tmp_path):
     with torch.no_grad():
         ref = lm(data["input_ids"]).bfloat16().float()
     torch.testing.assert_close(TeacherStore(tmp_path).lookup(torch.arange(6), "logits"), ref)
+
+
+def test_observed_store_keeps_one_logprob_per_token(tmp_path):
+    vocab, length = 300, 5
+    data, lm = _tokens(length=length), _lm(vocab)
+    g = torch.Generator().manual_seed(3)
+    labels = torch.randint(0, vocab, (12, length), generator=g)
+    labels[:, -1] = -100
+    data = cd.data.Dataset({**data.tensors, "labels": labels}, name="toks")
+    cache_teacher(lm, data, tmp_path, io=IO, observed="labels", batch_size=5, progress=False)
+    store = TeacherStore(tmp_path)
+    assert store.taps == ["token_logprob"] and not store.is_topk
+    m = store.manifest
+    assert m["bytes_per_token"] == 4 and m["observed"] == "labels"
+    ids = torch.tensor([4, 0, 9])
+    got = store.lookup(ids, "token_logprob")
+    with torch.no_grad():
+        lp = lm(data["input_ids"][ids]).log_softmax(-1)
+    want = lp.gather(-1, labels[ids].clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    want[:, -1] = 0.0
+    torch.testing.assert_close(got, want)
+    with pytest.raises(ConfigError, match="stored taps: token_logprob"):
+        store.lookup(ids, "logits")
+
+
+def test_observed_needs_a_target_key_and_no_topk(tmp_path):
+    data, lm = _tokens(), _lm(20)
+    with pytest.raises(ConfigError, match="store.observed"):
+        cache_teacher(lm, data, tmp_path, io=IO, observed="labels", progress=False)
+    with pytest.raises(ConfigError, match="drop --topk"):
+        cache_teacher(lm, data, tmp_path, io=IO, observed="input_ids", topk=2, progress=False)

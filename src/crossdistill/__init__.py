@@ -4,7 +4,7 @@ A distillation is data: a student, frozen teachers and a list of :class:`Term` s
 ``DESIGN`` in the README.
 """
 
-from . import data, losses, models, projectors
+from . import data, lm, losses, models, projectors  # (lm registers LM stages, methods)
 from .distiller import Distiller, Output, Term
 from .errors import ConfigError
 from .registry import CONDENSERS, DATASETS, LOSSES, METHODS, MODELS, PROJECTORS, Registry
@@ -30,6 +30,7 @@ __all__ = [
     "Trainer",
     "data",
     "evaluate",
+    "lm",
     "losses",
     "models",
     "projectors",

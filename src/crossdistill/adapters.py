@@ -9,7 +9,9 @@ logits in the output: ``None`` finds them in a tensor, a tuple (first item, the 
 ``.logits`` attribute (a Hugging Face ``ModelOutput``); an int indexes a tuple, a string is a
 dict key or attribute, a dotted string or a list walks several levels. ``class_dim`` moves
 the class axis of dense logits (e.g. ``(B, K, H, W)`` with ``class_dim=1``) to the last
-dimension, where every loss and metric expects it.
+dimension, where every loss and metric expects it. ``classes`` keeps only the first
+``classes`` entries of the class axis: two LMs of one tokenizer whose embedding tables were
+padded to different sizes (a multiple of 64, say) then score the same vocabulary.
 
 Everything is checked on the first batch (:meth:`ModelIO.check`), with errors that list the
 batch's keys or the output's structure.
@@ -101,6 +103,7 @@ class ModelIO:
         class_dim: int | None = None,
         kwargs: Mapping[str, Any] | None = None,
         field: str = "student",
+        classes: int | None = None,
     ):
         if isinstance(inputs, str):
             inputs = [inputs]
@@ -113,6 +116,7 @@ class ModelIO:
         self.class_dim = class_dim
         self.kwargs = dict(kwargs or {})
         self.field = field
+        self.classes = classes
 
     def with_defaults(self, inputs, class_dim: int | None) -> ModelIO:
         """A copy with the task's default inputs / class axis where none were given."""
@@ -122,6 +126,7 @@ class ModelIO:
             class_dim=self.class_dim if self.class_dim is not None else class_dim,
             kwargs=self.kwargs,
             field=self.field,
+            classes=self.classes,
         )
         return io
 
@@ -151,6 +156,8 @@ class ModelIO:
         z = find_logits(out) if self.logits_sel is None else select(out, self.logits_sel, "")
         if self.class_dim is not None and self.class_dim not in (-1, z.dim() - 1):
             z = z.movedim(self.class_dim, -1)
+        if self.classes is not None and z.shape[-1] > self.classes:
+            z = z[..., : self.classes]
         return z
 
     def check(self, out: Any) -> torch.Tensor:

@@ -13,6 +13,7 @@ from .config import RunConfig
 from .distiller import Distiller, Term
 from .errors import ConfigError
 from .io import load_into
+from .registry import LOSSES
 from .train import TrainConfig, Trainer
 
 
@@ -142,9 +143,7 @@ def cached_teacher(spec, field: str, base: Path | None, run_data=None, run_train
     (``run_train``) sizes the model instead of loading the data a second time."""
     from . import config as C
 
-    path = Path(spec.from_config)
-    if not path.is_absolute() and base is not None and not path.is_file():
-        path = base.parent / path
+    path = _config_path(spec.from_config, base)
     tcfg = C.load(path)
     out = Path("runs/cache") / f"{tcfg.name}-{tcfg.digest()}"
     weights = out / "student.safetensors"
@@ -161,13 +160,21 @@ def cached_teacher(spec, field: str, base: Path | None, run_data=None, run_train
     return model, tcfg
 
 
+def _config_path(from_config: str, base: Path | None) -> Path:
+    """A teacher config path, beside the run's config file unless it exists as given."""
+    path = Path(from_config)
+    if not path.is_absolute() and base is not None and not path.is_file():
+        path = base.parent / path
+    return path
+
+
 def make_teacher(spec, field: str, train: D.Dataset, base: Path | None = None, run_data=None):
     """An online teacher (model + checkpoint, or a config trained once and cached), or a
     :class:`TeacherStore` checked against the training split (and against the model's
     weights when both are given)."""
     if spec.from_config:
         model, tcfg = cached_teacher(spec, field, base, run_data, train)
-        return model, tcfg.student.io()
+        return model, {**tcfg.student.io(), **spec.io()}  # the run's inputs win (paired data)
     if spec.store:
         from .teachers import TeacherStore, weights_hash
 
@@ -233,35 +240,78 @@ def make_distiller(
             f"terms {needs_teacher} need a teacher; add a teacher "
             "section or use label-only terms (ce)",
         )
-    _check_vocab(student, teacher, terms)
+    io = cfg.student.io()
+    ios = teacher_io if cfg.teachers else {"teacher": dict(teacher_io or {})}
+    _check_vocab(student, teacher, terms, train, cfg, io, ios)
+    from .losses.crosstok import check_teacher_io
+
+    check_teacher_io(terms, train, ios, several=bool(cfg.teachers))  # its own token ids
     return Distiller(
         student,
         teacher,
         terms,
         task=task_of(cfg),
-        io=cfg.student.io(),
-        teacher_io=teacher_io or None,
+        io=io,
+        teacher_io=(ios if cfg.teachers else ios["teacher"]) or None,
         num_samples=int(train.idx.max()) + 1,
         hooks=hooks,
         mixture=mixture,
         prepare=cfg.prepare,
+        data=train,
     )
 
 
-def _check_vocab(student, teacher, terms) -> None:
-    """Same-tokenizer losses between HF LMs of different vocabularies fail here, clearly."""
+def _tokenizer_of(data) -> tuple:
+    p = data.params if data is not None else {}
+    return data.name if data is not None else None, p.get("tokenizer"), p.get("vocab_size")
+
+
+def _same_tokenizer(spec, cfg, train) -> bool:
+    """Whether a teacher provably uses the data's tokenizer: a cached teacher trained on the
+    same tokenizer settings, or a checkpoint directory holding an identical tokenizer."""
+    if spec is None:
+        return False
+    if spec.from_config:
+        from . import config as C
+
+        tcfg = C.load(_config_path(spec.from_config, getattr(cfg, "_path", None)))
+        return _tokenizer_of(tcfg.data) == _tokenizer_of(cfg.data)
+    if spec.hf_path and (Path(spec.hf_path) / "tokenizer.json").is_file():
+        from .text.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(spec.hf_path, "teacher.hf_path")
+        return tok.get_vocab() == train.tokenizer.get_vocab()
+    return False
+
+
+def _check_vocab(student, teacher, terms, train, cfg, io, teacher_io) -> None:
+    """Same-tokenizer losses between HF LMs of different vocabularies: two tables padded
+    beyond the data's tokenizer (``len(tokenizer)``) are sliced to it through the adapters;
+    different tokenizers (or a table smaller than the data's) fail here, clearly."""
     sv = getattr(getattr(student, "config", None), "vocab_size", None)
     teachers = teacher if isinstance(teacher, dict) else {"teacher": teacher}
+    specs = cfg.teachers if cfg.teachers else {"teacher": cfg.teacher}
+    n = getattr(train, "num_classes", None) if getattr(train, "tokenizer", None) else None
     for name, t in teachers.items():
         tv = getattr(getattr(t, "config", None), "vocab_size", None)
-        logit_terms = [x.name for x in terms if [str(p) for p in x.teacher] == ["logits"]]
-        if sv and tv and sv != tv and logit_terms:
-            raise ConfigError(
-                f"terms.{logit_terms[0]}",
-                f"student vocabulary {sv}, {name} vocabulary {tv}",
-                "a same-tokenizer loss needs one vocabulary; for different tokenizers use the "
-                "cross-tokenizer losses (ULD, ALM) of the sequence-KD family",
-            )
+        logit_terms = [x.field for x in terms if [str(p) for p in x.teacher] == ["logits"]
+                       and (x.teacher_model in (None, name))
+                       and not LOSSES.meta(x.loss).get("cross_tokenizer")]
+        if not (sv and tv and sv != tv and logit_terms):
+            continue
+        if n and min(sv, tv) >= n and _same_tokenizer(specs.get(name), cfg, train):
+            io["classes"] = n
+            teacher_io[name]["classes"] = n
+            continue
+        where = (f"student vocabulary {sv}, {name} vocabulary {tv}"
+                 + (f", data tokenizer {n}" if n else ""))
+        raise ConfigError(
+            logit_terms[0],
+            where,
+            "a same-tokenizer loss needs one vocabulary (tables padded beyond the data's "
+            "tokenizer are sliced to it); for different tokenizers use the cross-tokenizer "
+            "losses (ULD, ALM) of the sequence-KD family",
+        )
 
 
 def train_config(cfg: RunConfig) -> TrainConfig:

@@ -123,6 +123,22 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument(
         "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
     )
+
+    g = sub.add_parser("generate", help="sample text from a trained language-model run's student")
+    g.add_argument("run_dir", help="a run directory of an lm run (e.g. configs/lm_kd.yaml)")
+    g.add_argument("--prompt", required=True, help="text to continue")
+    g.add_argument("--max-new-tokens", type=int, default=None,
+                   help="tokens to sample (default 64, or what the model's context leaves)")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; 0 greedy")
+    g.add_argument("--top-k", type=int, default=0, help="keep the k likeliest tokens (0: all)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus mass to keep (1: all)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, same text)")
+    g.add_argument(
+        "--weights", help="student weights (.safetensors); default RUN_DIR/student.safetensors"
+    )
+    g.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+    )
     for plugin in _plugins():
         plugin.add_parsers(sub)
     return p
@@ -327,7 +343,8 @@ def cmd_list(args) -> int:
 
 
 _REQUIRED = object()
-_INPUTS = {"y", "idx", "mask", "num_samples", "s", "t", "x", "split", "root", "student", "teacher"}
+_INPUTS = {"y", "idx", "mask", "batch", "num_samples", "s", "t", "x", "split", "root", "student",
+           "teacher"}
 
 
 def _show_param(name: str, default) -> str:
@@ -407,6 +424,17 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_generate(args) -> int:
+    from .lm.generate import generate_from_run
+
+    print(generate_from_run(
+        args.run_dir, args.prompt, max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+        weights=args.weights,
+    ))
+    return 0
+
+
 COMMANDS = {
     "train": cmd_train,
     "eval": cmd_eval,
@@ -414,6 +442,7 @@ COMMANDS = {
     "list": cmd_list,
     "report": cmd_report,
     "demo": cmd_demo,
+    "generate": cmd_generate,
 }
 
 

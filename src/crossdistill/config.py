@@ -32,6 +32,7 @@ from pydantic import (
 )
 
 from . import schema
+from .context import LOSS_CONTEXT
 from .errors import ConfigError
 from .registry import DATASETS, LOSSES, METHODS, MODELS, PREPARES, PROJECTORS, TASKS
 from .train.config import FROM_DATA, TrainConfig
@@ -42,7 +43,6 @@ class _Strict(BaseModel):
 
 
 IO_KEYS = ("inputs", "logits", "class_dim")
-LOSS_CONTEXT = ("y", "idx", "mask", "num_samples")  # filled by the distiller, not the config
 Weight = Annotated[float, Field(ge=0, le=schema.MAX_FLOAT)]
 
 
@@ -144,6 +144,7 @@ class AugmentSpec(_Strict):
 # the functions a split-level source forwards ``**params`` to, and what it fills itself
 _SOURCE_PARAMS = {
     "shakespeare": ("crossdistill.data.text_source:shakespeare_split", ("root",)),
+    "shakespeare_pair": ("crossdistill.data.text_pair:shakespeare_pair_split", ("root",)),
     "canvas": ("crossdistill.data.canvas:canvas_dataset", ("n", "root", "seed")),
     "av": ("crossdistill.data.av:paired_av", ("mnist_root", "seed")),
 }

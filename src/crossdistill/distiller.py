@@ -22,9 +22,11 @@ from . import losses as _losses  # noqa: F401  (registers the losses)
 from . import projectors as P
 from . import tasks as _tasks
 from .adapters import ModelIO, select
-from .context import Context, masked_mean
+from .context import FIELDS as CONTEXT_FIELDS
+from .context import LOSS_CONTEXT, Context, at_dims, masked_mean
 from .errors import ConfigError, describe
 from .registry import LOSSES
+from .signals import TOPK
 from .taps import LOGITS, OUTPUT, Capture, Tap, resolve
 
 TapSpec = str | Tap | Sequence[str | Tap]
@@ -70,7 +72,7 @@ class Term:
         self.stateful = bool(meta.get("stateful"))
         label_only = meta.get("inputs") == "labels"
         if teacher == "default":
-            teacher = None if label_only else LOGITS
+            teacher = None if label_only else meta.get("teacher_tap", LOGITS)
         self.student, self.teacher = _taps(student), _taps(teacher)
         self.multi = not isinstance(student, (str, Tap, Mapping))
         self.projector = projector
@@ -86,6 +88,8 @@ class Term:
         self.name = name or loss
         self.field = f"terms.{self.name}"  # where errors point; the config sets terms.<i>
         self.label_only = label_only
+        self.sums = meta.get("reduction") == "sum"  # returns a sum: the Term divides it
+        self.counter = meta.get("count")  # ctx -> what the sum runs over (default: the mask)
         self._check_params()
         # losses that need a label per position (ce, dkd) average over the labelled ones
         y_param = None if self.stateful else inspect.signature(self.fn).parameters.get("y")
@@ -107,7 +111,7 @@ class Term:
             )
         self.params = schema.check(
             self.fn, self.params, field, f"loss {self.loss!r}",
-            skip=("y", "idx", "mask", "num_samples"), positional=2,
+            skip=LOSS_CONTEXT, positional=2,
         )
         if self.projector_params and isinstance(self.projector, str) and self.projector != "auto":
             self.projector_params = schema.check(
@@ -123,14 +127,33 @@ class Term:
     def reduce(self, value: torch.Tensor, ctx: Context) -> torch.Tensor:
         """Per-position values -> the term's scalar: the mean over the context's mask, and for
         losses that need a label per position (``ce``, ``dkd``) over the positions that have
-        one. Scalars pass through."""
+        one; divided by ``ctx.counts[name]`` instead of the local count when the trainer
+        normalises over the global batch. Scalars pass through."""
+        count = ctx.counts.get(self.name) if ctx.counts is not None else None
+        if self.sums:  # a sum over the masked positions (a tiled loss): only the division
+            if count is None:
+                ref = ctx.mask if ctx.mask is not None else ctx.y
+                count = self.count(ctx, ref.shape).clamp_min(1).to(value.device)
+            return value / count
         if value.dim() == 0:
             return value
+        return masked_mean(value, self._valid(ctx, value.shape), self.field, count)
+
+    def _valid(self, ctx: Context, shape: torch.Size) -> torch.Tensor | None:
         valid = ctx.mask
-        if self.needs_labels and ctx.y is not None and ctx.y.shape == value.shape:
+        if self.needs_labels and ctx.y is not None and ctx.y.shape == shape:
             labelled = ctx.y != -100
             valid = labelled if valid is None else valid & labelled
-        return masked_mean(value, valid, self.field)
+        return valid
+
+    def count(self, ctx: Context, shape: torch.Size) -> torch.Tensor:
+        """How many positions :meth:`reduce` averages over for values of ``shape``."""
+        if self.counter is not None:
+            return self.counter(ctx).float()
+        valid = self._valid(ctx, shape)
+        if valid is None:
+            return torch.tensor(float(shape.numel()))
+        return at_dims(valid, shape, self.field).sum().float()
 
     def __repr__(self) -> str:
         t = [str(x) for x in self.teacher] or "labels"
@@ -207,8 +230,10 @@ class Distiller(nn.Module):
         mixture: nn.Module | None = None,
         prepare: Sequence = (),
         seed: int = 0,
+        data=None,
     ):
         super().__init__()
+        self.data = data  # the training Dataset, for stateful losses that read it (tokenizers)
         self.task = _tasks.build(task)
         if not terms:
             terms = self.task.default_terms()
@@ -252,8 +277,11 @@ class Distiller(nn.Module):
         self.projectors = nn.ModuleDict()
         self.loss_modules = nn.ModuleDict()
         self._ctx: dict[str, set[str]] = {}
+        self._dims: dict[str, int] = {}  # per term: dims of its unreduced value (build)
         self._s_out = _output_taps(self.terms, "student")
         self._s_flags = _output_flags(student, self._s_out)  # asked once, not per step
+        if not any(LOGITS in map(str, t.student) for t in self.terms):
+            self._s_flags.update(_no_logits(student))
         for t in self.terms:
             if t.teacher:
                 self._teacher_of(t)  # every teacher-side term names a teacher that exists
@@ -269,6 +297,8 @@ class Distiller(nn.Module):
             self._t_logits[name] = LOGITS in taps or mixture is not None
             self._t_out[name] = _output_taps(terms_here, "teacher")
             self._t_flags[name] = _output_flags(model, self._t_out[name])
+            if not self._t_logits[name]:
+                self._t_flags[name].update(_no_logits(model))
             if getattr(model, "is_store", False):
                 if mixture is not None:
                     taps.setdefault(LOGITS, Tap(LOGITS))
@@ -306,6 +336,12 @@ class Distiller(nn.Module):
                 if getattr(model, "is_store", False):
                     continue
                 for tap in getattr(t, side):
+                    if side == "teacher" and str(tap) == TOPK:
+                        raise ConfigError(
+                            f"{t.field}.teacher", TOPK, "a signal of a top-k teacher store "
+                            "(cache-teacher --topk K); an online teacher gives its full "
+                            "logits: use fkl / jsd with teacher: logits",
+                        )
                     if str(tap) != LOGITS and tap.path != OUTPUT:
                         resolve(model, tap, f"{getattr(t, 'field', t.name)}.{side}")
 
@@ -403,12 +439,27 @@ class Distiller(nn.Module):
                 shapes = ([tuple(x.shape) for x in s], [tuple(x.shape) for x in t])
                 if not term.multi:
                     shapes = (shapes[0][0], shapes[1][0] if shapes[1] else None)
-                mod = term.fn(*shapes, num_samples=self.num_samples, **term.params)
+                extra = {"data": self.data} if _takes_arg(term.fn, "data") else {}
+                mod = term.fn(*shapes, num_samples=self.num_samples, **extra, **term.params)
                 self.loss_modules[term.name] = mod.to(device)
+                # dry-run a copy: the shapes fail now, the live state and the random
+                # stream (a memory bank draws negatives) are left untouched
+                cuda = [device] if device.type == "cuda" else []
+                with torch.random.fork_rng(devices=cuda):
+                    value = _at_term(term, self._raw, term, s, t, self.context(batch),
+                                     copy.deepcopy(mod))
             else:
                 params = inspect.signature(term.fn).parameters
-                self._ctx[term.name] = {k for k in ("y", "idx", "mask") if k in params}
-                self._score(term, s, t, batch, self.context(batch))  # fail now on bad shapes
+                self._ctx[term.name] = {k for k in CONTEXT_FIELDS if k in params}
+                value = _at_term(term, self._raw, term, s, t, self.context(batch))
+            ctx = self.context(batch)
+            term.reduce(value, ctx)
+            ref = ctx.mask if ctx.mask is not None else ctx.y
+            self._dims[term.name] = ref.dim() if term.sums and ref is not None else value.dim()
+        for stage in self.prepare:  # e.g. onpolicy: prompt vs block, context lengths, tokenizer
+            check = getattr(stage, "check", None)
+            if check is not None:
+                check(self, batch)
         self.train(self.training)
         self._make_plan()
         self.built = True
@@ -520,15 +571,36 @@ class Distiller(nn.Module):
         t_vals[(self.mixture.name, LOGITS)] = mixed.detach()
         return aux
 
-    def _score(self, term: Term, s: list, t: list, batch, ctx: Context) -> torch.Tensor:
+    def _raw(self, term: Term, s: list, t: list, ctx: Context, mod=None) -> torch.Tensor:
+        """The term's loss before reduction (per position, or a scalar)."""
         if not term.multi:
             s, t = s[0], (t[0] if t else None)
         if term.stateful:
-            mod = self.loss_modules[term.name]
+            mod = self.loss_modules[term.name] if mod is None else mod
             extra = {"mask": ctx.mask} if getattr(mod, "takes_mask", False) else {}
-            return term.reduce(mod(s, t, y=ctx.y, idx=ctx.idx, **extra), ctx)
+            if getattr(mod, "takes_batch", False):  # keys beyond the taps (an alignment)
+                extra["batch"] = ctx.batch
+            return mod(s, t, y=ctx.y, idx=ctx.idx, **extra)
         kwargs = {k: getattr(ctx, k) for k in self._ctx[term.name]}
-        return term.reduce(term.fn(s, t, **kwargs, **term.params), ctx)
+        return term.fn(s, t, **kwargs, **term.params)
+
+    def _score(self, term: Term, s: list, t: list, ctx: Context) -> torch.Tensor:
+        return term.reduce(self._raw(term, s, t, ctx), ctx)
+
+    def token_counts(self, batch: Mapping) -> dict[str, torch.Tensor]:
+        """Per term with per-position values: how many positions of ``batch`` (after its
+        ``prepare`` stages) its mean runs over. The trainer sums these over an accumulation
+        window and all processes and passes them back as ``forward(..., counts=)``, so every
+        term is a mean over the valid positions of the global batch; terms that return a
+        scalar keep their own reduction."""
+        ctx = self.context(batch)
+        ref = ctx.mask if ctx.mask is not None else ctx.y
+        out = {}
+        for term in self.terms:
+            d = self._dims.get(term.name, 0)
+            if d and ref is not None and ref.dim() >= d:
+                out[term.name] = term.count(ctx, ref.shape[:d]).to(ref.device)
+        return out
 
     # -- progress, for the trainer or your own loop ---------------------------------------
     def set_progress(
@@ -553,9 +625,10 @@ class Distiller(nn.Module):
                 _per=per,
                 _per_arg=steps_per_epoch,
             )
+        if d.get("step") != step:  # micro-batches of one step draw their own prepare seeds
+            d["_calls"] = 0
         d["step"] = step
         d["epoch"] = step / d["_per"] if epoch is None else float(epoch)
-        d["_calls"] = 0
 
     def _check_progress(self) -> None:
         if self.total_steps is None and not self._warned_progress:
@@ -609,13 +682,21 @@ class Distiller(nn.Module):
         self.build(batch)
         self.structure_changed = False
 
-    def forward(self, batch: Mapping) -> Output:
+    def forward(
+        self, batch: Mapping, *, prepared: bool = False, counts: Mapping | None = None
+    ) -> Output:
+        """One step's losses. ``prepared``: the ``prepare`` stages already ran on ``batch``
+        (the trainer runs them for a whole window first, to count its tokens); ``counts``:
+        each term's divisor (see :meth:`token_counts`), default the local count."""
         if not self.built:
             self.build(batch)
         if not self._warned_progress:
             self._check_progress()
-        batch = self.prepare_batch(batch)
+        if not prepared:
+            batch = self.prepare_batch(batch)
         ctx = self.context(batch)
+        if counts is not None:
+            ctx.counts = counts
         s_vals, t_vals = self._capture(batch)
         aux = self._mix(t_vals, batch)
         losses, total = {}, None
@@ -627,7 +708,7 @@ class Distiller(nn.Module):
             t = [t_vals[k] for k in t_keys]
             if proj is not None:
                 s = [proj(s[0])]
-            value = losses[term.name] = self._score(term, s, t, batch, ctx)
+            value = losses[term.name] = self._score(term, s, t, ctx)
             w = term.weight_at(epoch)
             part = value if w == 1.0 else w * value  # x * 1.0 is x: same numbers, one op less
             total = part if total is None else total + part
@@ -697,6 +778,20 @@ class Distiller(nn.Module):
         return "\n".join(repr(t) for t in self.terms)
 
 
+def _at_term(term: Term, fn, *args):
+    """``fn(*args)`` for the dry run: a loss's own error names its field the way the loss
+    knows it (``alm.teacher``, ``terms.alm``); it is re-raised at the term's place in the
+    config (``terms.1.teacher``), so every error points where the user can fix it."""
+    try:
+        return fn(*args)
+    except ConfigError as err:
+        for prefix in (f"terms.{term.loss}", f"terms.{term.name}", term.loss):
+            rest = err.field[len(prefix):]
+            if err.field.startswith(prefix) and rest[:1] in ("", ".") and term.field != prefix:
+                raise ConfigError(term.field + rest, err.value, err.allowed) from None
+        raise
+
+
 def _unique_names(terms: Sequence[Term]):
     seen: dict[str, int] = {}
     for t in terms:
@@ -747,6 +842,19 @@ def _output_flags(model: nn.Module, out_taps: Mapping[str, Tap]) -> dict:
         if flag and _takes(model, flag):
             flags[flag] = True
     return flags
+
+
+def _no_logits(model: nn.Module) -> dict:
+    """When no term reads a model's logits (a tiled loss runs its output layer on hidden
+    states itself), ask a Hugging Face LM for the last position's only, so the full
+    ``B x L x V`` logits are never built in training."""
+    takes = "logits_to_keep" in inspect.signature(model.forward).parameters
+    return {"logits_to_keep": 1} if takes else {}
+
+
+def _takes_arg(cls, arg: str) -> bool:
+    target = cls.__init__ if inspect.isclass(cls) else cls
+    return arg in inspect.signature(target).parameters
 
 
 def _takes(model: nn.Module, arg: str) -> bool:

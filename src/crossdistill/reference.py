@@ -79,10 +79,10 @@ def _params(rows: list[dict]) -> str:
 
 
 def registered() -> list[str]:
-    from . import condense, data, losses, methods, models, projectors  # noqa: F401  (register)
+    from . import condense, data, lm, losses, methods, models, prepare, projectors  # noqa: F401
     from . import registry as R
     from .condense.cli import FIXED
-    from .config import LOSS_CONTEXT
+    from .context import LOSS_CONTEXT
 
     kinds = [
         ("losses", R.LOSSES, dict(skip=LOSS_CONTEXT, positional=2)),
@@ -90,6 +90,7 @@ def registered() -> list[str]:
         ("projectors", R.PROJECTORS, dict(positional=2)),
         ("models", R.MODELS, {}),
         ("condensers", R.CONDENSERS, dict(skip=FIXED)),
+        ("prepare stages", R.PREPARES, {}),
     ]
     out = []
     for title, reg, kw in kinds:

@@ -18,20 +18,24 @@ from .errors import ConfigError, nearest
 
 LOGITS = "logits"  # the model's logits, as its adapter (ModelIO) finds them
 OUTPUT = "output"  # "output.hidden_states[2]": a selection from the model's return value
+KINDS = ("output", "input", "weight", "bias")
+PARAMS = ("weight", "bias")  # read from the module, not hooked
 
 
 @dataclass(frozen=True)
 class Tap:
     """What to capture: ``path`` of a submodule, its ``"output"`` or ``"input"``, and
-    ``select`` (int index or str key/attribute) when that value is a tuple, dict or object."""
+    ``select`` (int index or str key/attribute) when that value is a tuple, dict or object;
+    or its ``"weight"`` / ``"bias"`` parameter itself (``"lm_head:weight"``), for losses that
+    run a model's output layer themselves (tiled token losses from hidden states)."""
 
     path: str = LOGITS
     kind: str = "output"
     select: int | str | None = None
 
     def __post_init__(self):
-        if self.kind not in ("output", "input"):
-            raise ConfigError("tap.kind", self.kind, "allowed: 'output' or 'input'")
+        if self.kind not in KINDS:
+            raise ConfigError("tap.kind", self.kind, f"allowed: {', '.join(KINDS)}")
 
     @classmethod
     def parse(cls, spec: str | Tap | Mapping) -> Tap:
@@ -112,9 +116,17 @@ class Capture:
         self.values: dict[str, torch.Tensor] = {}
         self.active = False
         self._handles = []
+        self._params: dict[str, tuple[nn.Module, str]] = {}
         self._field = field
         for key, tap in taps.items():
-            module = resolve(model, tap, f"{field} {key!r}" if key != str(tap) else field)
+            where = f"{field} {key!r}" if key != str(tap) else field
+            module = resolve(model, tap, where)
+            if tap.kind in PARAMS:
+                if not torch.is_tensor(getattr(module, tap.kind, None)):
+                    raise ConfigError(where, str(tap), f"{type(module).__name__} at {tap.path!r} "
+                                      f"has no {tap.kind} tensor")
+                self._params[key] = (module, tap.kind)
+                continue
             self._handles.append(self._install(module, key, tap))
 
     def _install(self, module: nn.Module, key: str, tap: Tap):
@@ -136,6 +148,9 @@ class Capture:
         self.values = {}
 
     def get(self, key: str) -> torch.Tensor:
+        if key in self._params:  # the live parameter: gradients flow into it
+            module, name = self._params[key]
+            return getattr(module, name)
         if key not in self.values:
             raise RuntimeError(
                 f"tap {str(self.taps[key])!r} did not fire during this forward pass; "

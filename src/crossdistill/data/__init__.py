@@ -153,6 +153,19 @@ def _shakespeare(split, root=None, split_seed=0, **params):
 
 
 @DATASETS.register(
+    "shakespeare_pair",
+    description="tiny Shakespeare blocks under a student and a teacher tokenizer, with the "
+    "byte-chunk alignment (cross-tokenizer KD: uld, mined, alm)",
+    splits=True,
+    task="lm",
+)
+def _shakespeare_pair(split, root=None, split_seed=0, **params):
+    from .text_pair import shakespeare_pair_split
+
+    return shakespeare_pair_split(split, root=root, **params)
+
+
+@DATASETS.register(
     "canvas",
     description="64x64 canvases of 1-4 MNIST digits with per-pixel class maps (11 classes)",
     splits=True,

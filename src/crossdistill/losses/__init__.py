@@ -10,7 +10,8 @@ from .features import at, cosine, l1, mse, smooth_l1
 from .logits import ce, dist, dkd, kd, rkl
 from .relations import pkt, rkd, sp
 from .review import ReviewKDLoss
-from .sequence import fkl, jsd, skl, srkl, tvd
+from .sequence import fkl, jsd, skl, srkl, topk, tvd
+from .tiled import tiled
 
 __all__ = [
     "CRDLoss",
@@ -32,6 +33,9 @@ __all__ = [
     "smooth_l1",
     "sp",
     "srkl",
+    "tiled",
+    "topk",
     "tvd",
 ]
+from . import crosstok  # noqa: E402,F401  (registers uld, uld_hybrid, mined, alm)
 from .hetero import CrossAttentionProjector, HFDLoss, TAIDLoss, bsd, dct_mse, dml, ofa, pld  # noqa: E402,F401

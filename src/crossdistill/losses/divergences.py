@@ -17,15 +17,19 @@ import torch
 from torch import Tensor
 
 
-def kl(log_p: Tensor, log_q: Tensor) -> Tensor:
-    """``KL(p || q) = sum_v p_v (log p_v - log q_v)``, with ``0 * log 0 = 0``.
+def kl_terms(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """The (..., V) terms ``p_v (log p_v - log q_v)`` of ``KL(p || q)``, with ``0 * log 0 = 0``.
 
     The difference is zeroed where ``p_v = 0`` *before* the product, so neither the value nor
     the gradient sees ``0 * inf`` (a ``where`` after the product would leak NaN gradients).
     """
     p = log_p.exp()
-    diff = torch.where(p > 0, log_p - log_q, 0.0)
-    return (p * diff).sum(-1)
+    return p * torch.where(p > 0, log_p - log_q, 0.0)
+
+
+def kl(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """``KL(p || q) = sum_v p_v (log p_v - log q_v)`` (see :func:`kl_terms`)."""
+    return kl_terms(log_p, log_q).sum(-1)
 
 
 def log_mix(log_a: Tensor, log_b: Tensor, w: float) -> Tensor:
@@ -49,17 +53,27 @@ def generalized_jsd(log_p_t: Tensor, log_q_s: Tensor, beta: float) -> Tensor:
     shrinks the loss scale roughly like ``beta`` (or ``1 - beta``), not only its shape.
     DistiLLM's ``js_distance(lam)`` makes ``lam`` the student's share: it equals ``beta = 1 - lam``.
     """
+    return jsd_terms(log_p_t, log_q_s, beta).sum(-1)
+
+
+def jsd_terms(log_p_t: Tensor, log_q_s: Tensor, beta: float) -> Tensor:
+    """The (..., V) terms of :func:`generalized_jsd` (the mixture is per class, so the
+    divergence is a sum of per-class terms: vocabulary tiles can be scored separately)."""
     if beta == 0:
-        return kl(log_p_t, log_q_s)
+        return kl_terms(log_p_t, log_q_s)
     if beta == 1:
-        return kl(log_q_s, log_p_t)
+        return kl_terms(log_q_s, log_p_t)
     log_m = log_mix(log_p_t, log_q_s, beta)
-    return beta * kl(log_p_t, log_m) + (1 - beta) * kl(log_q_s, log_m)
+    return beta * kl_terms(log_p_t, log_m) + (1 - beta) * kl_terms(log_q_s, log_m)
+
+
+def tvd_terms(log_p: Tensor, log_q: Tensor) -> Tensor:
+    return 0.5 * (log_p.exp() - log_q.exp()).abs()
 
 
 def tvd(log_p: Tensor, log_q: Tensor) -> Tensor:
     """Total variation distance ``1/2 sum_v |p_v - q_v|`` (symmetric, in [0, 1])."""
-    return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
+    return tvd_terms(log_p, log_q).sum(-1)
 
 
 def skew_kl(log_p: Tensor, log_q: Tensor, alpha: float) -> Tensor:
@@ -82,32 +96,66 @@ def skew_rkl(log_p: Tensor, log_q: Tensor, alpha: float) -> Tensor:
     return kl(log_q, log_mix(log_q, log_p, alpha))
 
 
-def topk_kl(t_vals: Tensor, t_idx: Tensor, log_q_s: Tensor) -> Tensor:
-    """``KL(p_t || q_s)`` from a stored top-k teacher, over ``k`` classes plus one tail bucket.
+def topk_buckets(t_vals: Tensor, t_idx: Tensor, log_q_s: Tensor) -> tuple[Tensor, Tensor]:
+    """Teacher and student as distributions over ``k + 1`` buckets: the teacher's top-k classes
+    one by one, and one tail bucket holding everything else, on both sides.
 
     ``t_vals`` (..., k) are the teacher's log-probabilities of its top-k classes over the *full*
     vocabulary (a store's ``values - lse``), ``t_idx`` (..., k) their class indices (distinct),
-    ``log_q_s`` (..., V) the student's log-probabilities. The rule: the k stored classes are
-    compared one by one, and everything else is merged into one bucket on both sides --
-    the teacher's tail is ``1 - sum_k p_t`` (clamped at 0; ``-expm1(logsumexp)`` so it keeps
-    its precision when the top-k hold almost all mass), the student's tail is its mass outside
-    the k indices, a ``logsumexp`` over the other classes (no ``1 - sum`` cancellation). Merging
-    classes never increases a KL, so this is a lower bound of the KL against any teacher with
-    these top-k values (the store's decoded logits included), exact when ``k = V - 1``; with
-    ``k = V`` there is no tail. Stored top-k logits fix the distribution at temperature 1 only
-    (the tail's shape is unknown), so this divergence has no temperature.
+    ``log_q_s`` (..., V) the student's log-probabilities. The teacher's tail is
+    ``1 - sum_k p_t`` (clamped at 0; ``-expm1(logsumexp)`` keeps its precision when the top-k
+    hold almost all mass), the student's is its mass outside the k indices, a ``logsumexp``
+    over the other classes (no ``1 - sum`` cancellation). Returns ``(log_p, log_q)`` of shape
+    (..., k + 1), or (..., k) when ``k = V`` (no tail). Merging classes never increases an
+    f-divergence (data processing), so any divergence of the buckets is a lower bound of the
+    one against any teacher with these top-k values, exact when ``k >= V - 1``.
     """
     if t_vals.shape != t_idx.shape or t_vals.shape[:-1] != log_q_s.shape[:-1]:
         raise ValueError(
-            f"topk_kl: values {tuple(t_vals.shape)}, indices {tuple(t_idx.shape)} and student "
+            f"top-k values {tuple(t_vals.shape)}, indices {tuple(t_idx.shape)} and student "
             f"{tuple(log_q_s.shape)} must share the leading dims (values/indices (..., k))"
         )
     t_idx = t_idx.long()
     q_k = log_q_s.gather(-1, t_idx)
-    head = kl(t_vals, q_k)
     if t_vals.shape[-1] >= log_q_s.shape[-1]:
-        return head
+        return t_vals, q_k
     p_tail = (-torch.expm1(t_vals.logsumexp(-1))).clamp_min(0)
     q_tail = log_q_s.scatter(-1, t_idx, float("-inf")).logsumexp(-1)
-    tail = p_tail * torch.where(p_tail > 0, torch.log(p_tail) - q_tail, 0.0)
-    return head + tail
+    return (torch.cat([t_vals, p_tail.log().unsqueeze(-1)], -1),
+            torch.cat([q_k, q_tail.unsqueeze(-1)], -1))
+
+
+def topk_kl(t_vals: Tensor, t_idx: Tensor, log_q_s: Tensor) -> Tensor:
+    """``KL(p_t || q_s)`` from a stored top-k teacher, over the ``k + 1`` buckets of
+    :func:`topk_buckets` (a zero teacher tail contributes 0). Stored top-k logits fix the
+    distribution at temperature 1 only (the tail's shape is unknown), so this divergence has
+    no temperature."""
+    return kl(*topk_buckets(t_vals, t_idx, log_q_s))
+
+
+NAMES = ("fkl", "rkl", "jsd", "tvd", "skl", "srkl")
+
+
+def terms(name: str, log_p: Tensor, log_q: Tensor, *, beta: float = 0.5,
+          alpha: float = 0.1) -> Tensor:
+    """The (..., V) per-class terms of divergence ``name`` (one of :data:`NAMES`) of teacher
+    ``p`` and student ``q``; every one of them is a sum of per-class terms."""
+    if name == "fkl":
+        return kl_terms(log_p, log_q)
+    if name == "rkl":
+        return kl_terms(log_q, log_p)
+    if name == "jsd":
+        return jsd_terms(log_p, log_q, beta)
+    if name == "tvd":
+        return tvd_terms(log_p, log_q)
+    if name == "skl":
+        return kl_terms(log_p, log_mix(log_p, log_q, alpha))
+    if name == "srkl":
+        return kl_terms(log_q, log_mix(log_q, log_p, alpha))
+    raise ValueError(f"unknown divergence {name!r}; one of {', '.join(NAMES)}")
+
+
+def by_name(name: str, log_p: Tensor, log_q: Tensor, *, beta: float = 0.5,
+            alpha: float = 0.1) -> Tensor:
+    """The divergence ``name`` (one of :data:`NAMES`) of teacher ``p`` and student ``q``."""
+    return terms(name, log_p, log_q, beta=beta, alpha=alpha).sum(-1)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import projectors as P
+from ..context import at_dims
 from ..errors import ConfigError
 from ..registry import LOSSES, PROJECTORS
 from ..schema import Depth, NonNeg, Pos, Prob, Temperature
@@ -137,21 +138,30 @@ def pld(s: Tensor, t: Tensor, *, y: Tensor | None = None, temperature: Temperatu
     stateful=True,
 )
 class TAIDLoss(nn.Module):
-    """TAID (Shing et al., Sakana AI, ICLR 2025), classification form.
+    """TAID (Shing et al., "TAID: Temporally Adaptive Interpolated Distillation for Efficient
+    Knowledge Transfer in Language Models", ICLR 2025): one module for the classification
+    form and the language-model form (per token).
 
-    Interpolated target (Eq. 2): ``p_t = softmax((1 - t) * sg(z_s) + t * z_t)`` and loss
-    ``-1/B sum_i sum_c p_t^c log softmax(z_s)^c`` (forward KL up to a constant). After each
-    optimiser step (``on_step``) the interpolation ``t`` follows the adaptive schedule
-    (Alg. 1 / official ``update_t``):
+    Interpolated target (Eq. 2): ``r = softmax((1 - t) * sg(z_s) + t * z_t)`` at T = 1 and
+    loss ``-sum_v r_v log softmax(z_s)_v`` per position (a cross-entropy: forward KL to
+    ``r`` plus ``r``'s entropy, same gradient), which the Term averages over the context's
+    mask: per sample for a classifier, over the valid tokens (labels != -100) for the lm
+    task -- the paper's LM loss, used there without a next-token CE (the ``taid`` method's
+    ``ce_weight: 0``). After each optimiser step (``on_step``) ``t`` follows the adaptive
+    schedule (Alg. 1 / official ``update_t``):
 
     ``t_lin = t_start + (t_end - t_start) * progress``,
     ``m = beta * m + (1 - beta) * (L_prev - L) / (L_prev + eps)``,
     ``t = min(t_end, max(t_lin, t + alpha * sigmoid(m) * (1 - t)))``,
 
-    with ``progress = distiller.epoch / distiller.total_epochs`` and ``L`` the loss of the last
-    training forward. The first step only records ``L_prev``. ``t``, ``m``, ``L_prev`` (and the
-    last loss) are registered buffers, so they are checkpointed and resume is exact. Unlike
-    the official code (SakanaAI/TAID, src/distil_losses/taid.py) nothing is pinned to CUDA.
+    with ``progress = distiller.epoch / distiller.total_epochs`` (the Trainer's step / total)
+    and ``L`` the masked mean of this loss over every valid position of the optimiser step:
+    all its micro-batches under gradient accumulation, all ranks under DDP. Only training
+    forwards count and the schedule moves once per optimiser step, never on validation
+    batches (the official code, SakanaAI/TAID src/distil_losses/taid.py, moves ``t`` inside
+    forward: per micro-batch and on validation too). The first step only records ``L_prev``;
+    ``alpha = 0`` is the linear schedule. ``t``, ``m``, ``L_prev`` (and the last ``L``) are
+    buffers, so they are checkpointed and resume is exact; nothing is pinned to CUDA.
     Defaults: t_start 0.4, t_end 1.0, alpha 5e-4, beta 0.99 (the paper's).
     """
 
@@ -187,20 +197,36 @@ class TAIDLoss(nn.Module):
         self.register_buffer("m", torch.tensor(0.0, dtype=torch.float64))
         self.register_buffer("L_prev", torch.tensor(math.nan, dtype=torch.float64))
         self.register_buffer("last", torch.tensor(math.nan, dtype=torch.float64))
+        # (loss sum, valid positions) of the optimiser step so far; empty at step boundaries,
+        # where checkpoints are written, so it is not saved
+        self.register_buffer("window", torch.zeros(2, dtype=torch.float64), persistent=False)
 
     takes_mask = True  # the distiller passes the context's mask (the schedule's L is masked)
 
     def forward(self, s: Tensor, t: Tensor, *, y=None, idx=None, mask=None, **_) -> Tensor:
-        """Per-position loss (the Term averages it over the mask); per token for LMs."""
-        from ..context import masked_mean
-
+        """Per-position loss (the Term averages it over the mask); per token for LMs. A
+        training forward adds its masked sum and count to the step's window (no host sync)."""
         s32, t32 = _upcast(s), _upcast(t).detach()
         w = float(self.t)
         target = F.softmax((1.0 - w) * s32.detach() + w * t32, dim=-1)
         loss = -(target * F.log_softmax(s32, dim=-1)).sum(-1)
         if self.training:
-            self.last.fill_(masked_mean(loss.detach(), mask).double().item())
+            with torch.no_grad():
+                keep = (torch.ones_like(loss, dtype=torch.bool) if mask is None
+                        else at_dims(mask, loss.shape, "terms.taid").to(loss.device))
+                total = torch.where(keep, loss.detach(), 0.0).sum().double()
+                self.window += torch.stack([total, keep.sum().double()])
+                self._dtype = loss.dtype
+                self.last.copy_(self._mean(self.window))
         return loss
+
+    _dtype = torch.float32
+
+    def _mean(self, window: Tensor) -> Tensor:
+        """sum / count in the loss's dtype: one micro-batch gives exactly the Term's masked
+        mean (and the schedule's numbers of earlier versions)."""
+        dt = self._dtype
+        return (window[0].to(dt) / window[1].to(dt).clamp_min(1)).double()
 
     @torch.no_grad()
     def update(self, loss: float, progress: float) -> None:
@@ -220,9 +246,23 @@ class TAIDLoss(nn.Module):
         self.t.fill_(t)
         self.L_prev.fill_(loss)
 
+    @torch.no_grad()
     def on_step(self, distiller) -> None:
+        """Once per optimiser step: the step's masked mean loss (summed over micro-batches
+        and, under torch.distributed, over ranks) drives one schedule update."""
+        import torch.distributed as dist
+
+        window = self.window.clone()
+        self.window.zero_()
+        if dist.is_available() and dist.is_initialized():
+            window = window.to(self.t.device)
+            dist.all_reduce(window)
+        if float(window[1]) <= 0:  # no training forward since the last step (or a skipped one)
+            return
+        loss = float(self._mean(window))
+        self.last.fill_(loss)
         total = max(float(getattr(distiller, "total_epochs", 1) or 1), 1e-12)
-        self.update(float(self.last), float(getattr(distiller, "epoch", 0.0)) / total)
+        self.update(loss, float(getattr(distiller, "epoch", 0.0)) / total)
 
 
 # --------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Token-level divergences for sequence (LLM) distillation: fkl, jsd, tvd, skl, srkl.
+"""Token-level divergences for sequence (LLM) distillation: fkl, jsd, tvd, skl, srkl, topk.
 
 Each takes student logits ``s`` and teacher logits ``t`` of shape (..., V) (tokens on the
 leading dims) and returns one value per position (...); the :class:`~crossdistill.Term`
@@ -12,12 +12,16 @@ The teacher is detached; softmaxes run in at least float32.
 
 from __future__ import annotations
 
+from typing import Literal
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import ConfigError
 from ..registry import LOSSES
 from ..schema import Prob, Temperature
+from ..signals import TOPK, TopK
 from . import divergences as D
 from .features import _pair
 from .logits import _check_logits, _check_temperature
@@ -121,3 +125,43 @@ def srkl(s: Tensor, t: Tensor, *, alpha: Prob = 0.1, temperature: Temperature = 
     _check_prob("srkl", "alpha", alpha)
     log_p, log_q = _log_probs("srkl", s, t, temperature)
     return D.skew_rkl(log_p, log_q, alpha)
+
+
+@LOSSES.register(
+    "topk",
+    paper="Sparse Logit Sampling: Accelerating Knowledge Distillation in LLMs (top-k "
+    "teacher logits with a residual bucket)",
+    year=2025,
+    inputs="logits",
+    default_weight=1.0,
+    teacher_tap=TOPK,
+)
+def topk(
+    s: Tensor,
+    t: TopK,
+    *,
+    divergence: Literal["fkl", "rkl", "jsd", "tvd", "skl", "srkl"] = "fkl",
+    beta: Prob = 0.5,
+    alpha: Prob = 0.1,
+) -> Tensor:
+    """A token divergence against a *stored* top-k teacher, read as stored (tap ``topk`` of a
+    store made with ``--topk K``): the teacher's k classes are compared one by one and the rest
+    of the vocabulary is one tail bucket on both sides (``divergences.topk_buckets``; Anshumann
+    et al. 2025 show that plain top-k KD without the residual mass is biased). ``divergence``
+    picks the function of the two (k + 1)-bucket distributions, with ``beta`` (jsd) and
+    ``alpha`` (skl, srkl) as in their own losses; all at T = 1, since stored logits fix the
+    teacher's distribution at T = 1 only. ``fkl`` equals
+    ``divergences.topk_kl``; ``rkl`` floors a teacher tail that rounds to 0 at 1e-12 (else
+    any student tail mass would make it infinite)."""
+    if not isinstance(t, TopK):
+        raise ConfigError(
+            "topk.teacher", type(t).__name__,
+            "the top-k signal of a teacher store (teacher tap 'topk' of a store made with "
+            "--topk K); with an online teacher use fkl / jsd on its full logits",
+        )
+    log_q = F.log_softmax(s.to(torch.promote_types(s.dtype, torch.float32)), dim=-1)
+    log_p = t.log_probs().to(log_q.device, log_q.dtype)
+    log_p, log_q = D.topk_buckets(log_p, t.indices.to(log_q.device), log_q)
+    if divergence == "rkl":
+        log_p = log_p.clamp_min(-27.631)  # log(1e-12)
+    return D.by_name(divergence, log_p, log_q, beta=beta, alpha=alpha)

@@ -22,11 +22,15 @@ No T^2 factor is applied; the caller owns the term weight. The teacher side neve
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 from torch import Tensor
 
 from ..errors import ConfigError
+from ..registry import LOSSES
+from ..schema import Count, Prob, Temperature
+from . import divergences as D
 from .features import _upcast
 
 Divergence = Callable[[Tensor, Tensor], Tensor]
@@ -189,7 +193,7 @@ def tiled_token_loss(
     b_s: Tensor | None = None,
     b_t: Tensor | None = None,
     temperature: float = 1.0,
-    token_chunk: int = 1024,
+    token_chunk: int | None = None,
     vocab_chunk: int | None = None,
     elementwise: bool = False,
     reduction: str = "mean",
@@ -207,6 +211,8 @@ def tiled_token_loss(
     if reduction not in ("mean", "sum"):
         raise ConfigError("reduction", reduction, "one of: mean, sum")
     _check(h_s, w_s, h_t, w_t, mask, temperature, token_chunk, vocab_chunk, elementwise)
+    if token_chunk is None:  # ~2^20 logits (4 MiB in fp32) per tile, whatever the vocabulary
+        token_chunk = max(1, 2**20 // w_s.shape[0])
     hs, ht = h_s.reshape(-1, h_s.shape[-1]), h_t.detach().reshape(-1, h_t.shape[-1])
     if mask is not None:
         keep = mask.reshape(-1).to(torch.bool)
@@ -222,3 +228,56 @@ def tiled_token_loss(
     if reduction == "sum":
         return total, count
     return total / count.clamp(min=1)
+
+
+def _parts(x, field: str) -> tuple[Tensor, Tensor, Tensor | None]:
+    if not isinstance(x, (list, tuple)) or len(x) not in (2, 3):
+        raise ConfigError(
+            field, f"{len(x) if isinstance(x, (list, tuple)) else 1} taps",
+            "two or three taps per side: the hidden states before the output layer, its "
+            "weight and optionally its bias, e.g. [transformer.ln_f, 'lm_head:weight']",
+        )
+    return x[0], x[1], (x[2] if len(x) == 3 else None)
+
+
+@LOSSES.register(
+    "tiled",
+    paper="Liger Kernel: Efficient Triton Kernels for LLM Training (fused linear, chunked "
+    "token losses); divergences of GKD / DistiLLM",
+    year=2024,
+    inputs="features",
+    default_weight=1.0,
+    reduction="sum",
+)
+def tiled(
+    s: list,
+    t: list,
+    *,
+    mask: Tensor | None = None,
+    divergence: Literal["fkl", "rkl", "jsd", "tvd", "skl", "srkl"] = "fkl",
+    beta: Prob = 0.5,
+    alpha: Prob = 0.1,
+    temperature: Temperature = 1.0,
+    token_chunk: Count | None = None,
+    vocab_chunk: Count | None = None,
+) -> Tensor:
+    """A token divergence computed from both models' hidden states through their output
+    layers in tiles (:func:`tiled_token_loss`), so full ``B x L x V`` logits never exist:
+    the same values and gradients as ``fkl`` / ``jsd`` / ... on the logits, at the memory of
+    one ``token_chunk x vocab_chunk`` tile (default: about 2^20 logits per tile). Taps per
+    side: ``[hidden states, 'head:weight']`` (+ ``'head:bias'``); for GPT-2
+    ``[transformer.ln_f, 'lm_head:weight']``. When no term reads a model's logits, the
+    distiller asks a Hugging Face LM for the last position's only (``logits_to_keep=1``).
+    Returns the *sum* over the valid tokens; the Term divides by their count (global under
+    accumulation and DDP), like every token loss."""
+    h_s, w_s, b_s = _parts(s, "tiled.student")
+    h_t, w_t, b_t = _parts(t, "tiled.teacher")
+
+    def div(log_p: Tensor, log_q: Tensor) -> Tensor:
+        return D.terms(divergence, log_p, log_q, beta=beta, alpha=alpha)
+
+    total, _ = tiled_token_loss(
+        h_s, w_s, h_t, w_t, div, mask=mask, b_s=b_s, b_t=b_t, temperature=temperature,
+        token_chunk=token_chunk, vocab_chunk=vocab_chunk, elementwise=True, reduction="sum",
+    )
+    return total

@@ -29,6 +29,11 @@ class Task:
 
         return [Term("ce")]
 
+    def for_io(self, io) -> Task:
+        """The task for a model called through adapter ``io`` (this one, unless a task scores
+        models that read their own keys differently, e.g. a teacher with its own tokens)."""
+        return self
+
     def targets(self, batch: Mapping) -> torch.Tensor | None:
         return batch.get(self.target)
 

@@ -26,6 +26,17 @@ class LanguageModeling(Task):
         self.target, self.bytes_key = target, bytes_key
         self.inputs = inputs if inputs is not None else {"input_ids": "input_ids"}
 
+    def for_io(self, io):
+        """A model reading its tokens from ``<prefix>input_ids`` (a teacher of a paired
+        cross-tokenizer source reads ``teacher_input_ids``) is scored on its own
+        ``<prefix>labels`` and ``<prefix>token_bytes``, so its bits per byte stay exact."""
+        inputs = getattr(io, "inputs", None)
+        key = inputs.get("input_ids") if isinstance(inputs, dict) else None
+        if not key or key == "input_ids" or not key.endswith("input_ids"):
+            return self
+        prefix = key[: -len("input_ids")]
+        return LanguageModeling(prefix + "labels", inputs, prefix + "token_bytes")
+
     def loss_mask(self, batch):
         return batch[self.target] != -100
 

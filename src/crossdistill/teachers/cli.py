@@ -23,6 +23,13 @@ def add_parsers(sub) -> None:
         "(+ logsumexp); the rest of the mass is spread evenly (documented rule)",
     )
     p.add_argument(
+        "--observed",
+        metavar="KEY",
+        default=None,
+        help="keep only the teacher's log-prob of the next token in batch key KEY (e.g. "
+        "labels; 4 bytes/token, tap token_logprob: what ALM needs) instead of logits",
+    )
+    p.add_argument(
         "--taps",
         nargs="*",
         default=None,
@@ -84,6 +91,7 @@ def cmd_cache_teacher(args) -> int:
         io=io,
         taps=taps,
         topk=args.topk,
+        observed=args.observed,
         dtype=args.dtype,
         batch_size=args.batch_size,
         shard_size=args.shard_size,

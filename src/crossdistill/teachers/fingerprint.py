@@ -25,8 +25,11 @@ def _update(h, name: str, t: torch.Tensor) -> None:
 
 
 def transform_description(data) -> dict:
-    """What was done to the raw images before the teacher saw them (no random parts)."""
+    """What was done to the raw inputs before the teacher saw them (no random parts): for
+    images the size and normalisation, for text the tokenizer (its cache name: kind, size and
+    a hash of its training text) and the block length (the context)."""
     info = data.info
+    tok = info.get("tokenizer")
     return {
         "dataset": data.name,
         "split": data.split,
@@ -37,6 +40,8 @@ def transform_description(data) -> dict:
         },
         "split_seed": info.get("split_seed"),
         "augment": None,
+        "tokenizer": None if tok is None else str(tok).replace("\\", "/").rsplit("/", 1)[-1],
+        "block": info.get("block"),
     }
 
 

@@ -24,6 +24,7 @@ MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 64 << 20
 LOGITS = "logits"
 TOPK_KEYS = ("logits.values", "logits.indices", "logits.lse")
+OBSERVED = "token_logprob"  # an ``observed`` store's one signal: log p(next token), float32
 DTYPES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}  # store dtype -> safetensors
 INDEX_DTYPES = {"uint8": "U8", "uint16": "U16", "int32": "I32"}
 ST_BYTES = {"F16": 2, "BF16": 2, "F32": 4, "I64": 8, "U8": 1, "U16": 2, "I32": 4}
@@ -44,6 +45,7 @@ HEAD_KEYS = (
     "num_samples",
     "dtype",
     "topk",
+    "observed",
     "taps",
     "shard_size",
     "batch_size",
@@ -62,6 +64,7 @@ META_KEYS = (
 )
 SHARD_KEYS = ("shards", "shard_rows", "shard_sha256")
 KEYS = (*HEAD_KEYS, *META_KEYS, *SHARD_KEYS, "complete")
+OPTIONAL = ("observed",)  # absent in stores written before it existed (= null)
 
 
 def index_dtype(vocab: int) -> torch.dtype:
@@ -90,7 +93,9 @@ def file_sha256(path: Path) -> str:
 def signal_dtypes(m: dict) -> dict[str, str]:
     """The safetensors dtype of every tensor a shard of this manifest holds."""
     out = {"idx": "I64"}
-    if m["topk"]:
+    if m.get("observed"):
+        out[OBSERVED] = "F32"
+    elif m["topk"]:
         idx = INDEX_DTYPES[m["index_dtype"]]
         out.update({"logits.values": "F16", "logits.indices": idx, "logits.lse": "F16"})
     else:
@@ -189,7 +194,7 @@ def _validate(m, field: str, where: str) -> None:
             f"incomplete teacher store: writing was interrupted after {n} shard(s); "
             f"{RERUN} to complete it",
         )
-    missing = [k for k in KEYS if k not in m]
+    missing = [k for k in KEYS if k not in m and k not in OPTIONAL]
     if missing:
         raise bad(", ".join(missing[:4]), "missing")
     rules = {
@@ -208,14 +213,16 @@ def _validate(m, field: str, where: str) -> None:
         "batch_size": _int(m["batch_size"], 1),
         "device": isinstance(m["device"], str),
         "taps": _strs(m["taps"])
-        and m["taps"][:1] == [LOGITS]
+        and m["taps"][:1] == [OBSERVED if m.get("observed") else LOGITS]
         and len(set(m["taps"])) == len(m["taps"]),
+        "observed": m.get("observed") is None
+        or (isinstance(m["observed"], str) and m["topk"] is None),
         "shapes": isinstance(m["shapes"], dict) and all(_ints(v) for v in m["shapes"].values()),
         "shards": isinstance(m["shards"], list) and len(m["shards"]) > 0,
     }
     for key, ok in rules.items():
         if not ok:
-            raise bad(key, f"has a bad value ({str(m[key])[:60]})")
+            raise bad(key, f"has a bad value ({str(m.get(key))[:60]})")
     C, topk = m["num_classes"], m["topk"]
     if m["vocab_size"] != C:
         raise bad("vocab_size", f"is {m['vocab_size']}, num_classes is {C}")
@@ -234,7 +241,9 @@ def _check_shapes(m: dict, bad) -> None:
         raise bad("shapes", f"has keys {sorted(shapes)}, the taps need {sorted(dtypes)}")
     if shapes["idx"] != []:
         raise bad("shapes.idx", "must be [] (one id per sample)")
-    if topk:
+    if m.get("observed"):
+        lead = shapes[OBSERVED]
+    elif topk:
         lead = shapes["logits.lse"]
         if shapes["logits.values"] != [*lead, topk] or shapes["logits.indices"] != [*lead, topk]:
             raise bad("shapes", f"top-k values/indices must be {[*lead, topk]}")

@@ -50,6 +50,7 @@ from torch import nn
 from ..adapters import ModelIO
 from ..data import Dataset
 from ..errors import ConfigError
+from ..signals import TOPK, TopK
 from .fingerprint import inputs_fingerprint, transform_description
 from .manifest import (
     FORMAT,
@@ -191,7 +192,7 @@ class TeacherStore(nn.Module):
             self.verify()
         self._index()
         self._keys = [k for k in self._dtypes if k != "idx"]
-        self.taps = list(m["taps"])
+        self.taps = list(m["taps"]) + ([TOPK] if m["topk"] else [])
 
     def _refuse(self, where, what: str) -> ConfigError:
         return ConfigError(self.field, str(where), f"{what}; {RERUN}")
@@ -281,11 +282,12 @@ class TeacherStore(nn.Module):
         diff = [k for k in want if want[k] != m["transform"].get(k)]
         if diff:
             k = diff[0]
+            what = {"tokenizer": "tokenizer", "block": "context length (data.params.block)"}
             raise ConfigError(
                 self.field,
                 str(self.path),
-                f"made with another transform: "
-                f"{k}={m['transform'].get(k)!r}, this run has {want[k]!r}",
+                f"made with another {what.get(k, 'transform')}: "
+                f"{k}={m['transform'].get(k)!r}, this run has {want[k]!r}; {RERUN}",
             )
         if (self._find(data.idx.cpu().numpy()) < 0).any():
             raise ConfigError(
@@ -428,11 +430,14 @@ class TeacherStore(nn.Module):
         vals, ids, lse = (self._gather(k, shard, local) for k in TOPK_KEYS)
         return vals.float(), ids.long(), lse.float()
 
-    def lookup(self, idx: torch.Tensor, tap: str) -> torch.Tensor:
+    def lookup(self, idx: torch.Tensor, tap: str) -> torch.Tensor | TopK:
         """The stored signal of ``tap`` for sample ids ``idx``: float32 ``(n, *shape)`` on the
-        CPU (logits ``(n, *lead, V)``, top-k stores decoded by the rule above)."""
+        CPU (logits ``(n, *lead, V)``, top-k stores decoded by the rule above); tap ``topk``
+        of a top-k store: the raw :class:`~crossdistill.signals.TopK` for sparse losses."""
         if tap == LOGITS and self.is_topk:
             return topk_decode(*self.lookup_topk(idx), self.manifest["num_classes"])
+        if tap == TOPK:  # sparse losses read the three stored tensors as they are
+            return TopK(*self.lookup_topk(idx))
         if tap not in self._keys:
             raise ConfigError(
                 "terms.teacher",

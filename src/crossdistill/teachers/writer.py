@@ -32,6 +32,7 @@ from .manifest import (
     LOGITS,
     MANIFEST,
     META_KEYS,
+    OBSERVED,
     SHARD_RE,
     TEMP_RE,
     file_sha256,
@@ -140,6 +141,15 @@ def _refuse_non_finite(ids: torch.Tensor, raw: dict, stored: dict, dtype: str) -
             raise ConfigError("store.dtype", dtype, f"{k} overflows {v.dtype} at {where}; {fix}")
 
 
+def _observed_logprob(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """log p(target) per position (float32), 0 where the target is -100."""
+    if target.shape != logits.shape[:-1]:
+        raise ConfigError("store.observed", tuple(target.shape),
+                          f"one target per logits position {tuple(logits.shape[:-1])}")
+    lp = logits.float().log_softmax(-1).gather(-1, target.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    return torch.where(target == -100, 0.0, lp)
+
+
 def _meta(sig: dict[str, torch.Tensor], vocab: int, positions: int, topk: int | None) -> dict:
     per = {k: v[0].numel() * v.element_size() for k, v in sig.items()}
     signal = sum(per.values()) - per["idx"]
@@ -169,6 +179,7 @@ def cache_teacher(
     io: ModelIO | None = None,
     taps: list[str] = (),
     topk: int | None = None,
+    observed: str | None = None,
     dtype: str = "float16",
     batch_size: int = 256,
     shard_size: int = 50_000,
@@ -181,6 +192,11 @@ def cache_teacher(
     the default is ``teacher(batch["x"])``. Shards hold exactly ``shard_size`` rows (the last
     one fewer), so a shard's size is predictable whatever the batch size. Re-running after a
     kill completes the store (see the module docstring).
+
+    ``observed`` (a batch key of next-token targets, e.g. ``labels``) keeps one float32 per
+    position instead of any logits: the teacher's log-probability of the observed next token
+    (0 where the target is -100), tap ``token_logprob``: 4 bytes per token, all that ALM's
+    chunk likelihoods need from a teacher.
     """
     if dtype not in ("float16", "bfloat16", "float32"):
         raise ConfigError("store.dtype", dtype, "allowed: float16, bfloat16, float32")
@@ -190,6 +206,12 @@ def cache_teacher(
         raise ConfigError("store.data", f"{data.name}/{data.split}", "the split has no samples")
     io = io if io is not None else ModelIO(field="teacher")
     io.check_batch(data.tensors)
+    if observed is not None:
+        if topk is not None:
+            raise ConfigError("store.observed", observed, "keeps no logits: drop --topk")
+        if observed not in data.tensors:
+            raise ConfigError("store.observed", observed,
+                              f"not a key of the data; it has: {', '.join(sorted(data.tensors))}")
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -208,7 +230,8 @@ def cache_teacher(
         "num_samples": len(data),
         "dtype": dtype,
         "topk": topk,
-        "taps": [LOGITS, *tap_objs],
+        "observed": observed,
+        "taps": [OBSERVED if observed else LOGITS, *tap_objs],
         "shard_size": shard_size,
         "batch_size": batch_size,
         "device": str(device),
@@ -271,7 +294,10 @@ def cache_teacher(
                 )
             feats = {k: cap.get(k) for k in tap_objs}
             sig = {"idx": ids}
-            sig.update(_topk_encode(logits, topk) if topk else {LOGITS: logits.to(torch_dtype)})
+            if observed:
+                sig[OBSERVED] = _observed_logprob(logits, batch[observed]).cpu()
+            else:
+                sig.update(_topk_encode(logits, topk) if topk else {LOGITS: logits.to(torch_dtype)})
             sig.update({k: v.to(torch_dtype) for k, v in feats.items()})
             _refuse_non_finite(ids, {LOGITS: logits, **feats}, sig, dtype)
             if meta is None:

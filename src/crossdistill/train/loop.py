@@ -182,6 +182,10 @@ class Trainer:
             "epoch_skipped": 0,
         }
         self._nan_skip = getattr(c, "nan", "error") == "skip"
+        # one process, one micro-batch per step: the local mean is the global one already
+        self._global = (c.accumulate > 1 or self.dist.active) and hasattr(
+            self.distiller, "token_counts"
+        )
         self._window = None  # the loss total of the accumulation window (a device tensor)
         self._first_batch = first
         self._hooks = {  # callback methods looked up once, not per step
@@ -360,22 +364,63 @@ class Trainer:
             dynamic_ncols=True,
         )
         t0 = time.time()
+        window: list = []
         for b, batch in enumerate(bar, start=st["batch"]):
-            out = self.train_step(batch, epoch, b, n)
+            if self._global:  # a whole accumulation window at once, to count its tokens
+                window.append(batch)
+                if (b + 1) % c.accumulate and b + 1 != n:
+                    continue
+                outs = self.train_window(window, epoch, b + 1 - len(window), n)
+                window = []
+            else:
+                outs = [self.train_step(batch, epoch, b, n)]
+            out = outs[-1]
             last = b + 1 == n
             if (b + 1) % c.accumulate == 0 or last:
                 if c.checkpoint_every and st["step"] % c.checkpoint_every == 0 and not last:
                     self.save_checkpoint()
-            if not bar.disable and b % 10 == 0:  # .item() syncs a GPU: only when shown
-                bar.set_postfix(loss=f"{out.total.item():.3f}")
-            for f in self._hooks["on_batch_end"]:
-                f(self, b)
+            first = b + 1 - len(outs)
+            if not bar.disable and any(i % 10 == 0 for i in range(first, b + 1)):
+                bar.set_postfix(loss=f"{out.total.item():.3f}")  # .item() syncs a GPU
+            for i in range(first, b + 1):
+                for f in self._hooks["on_batch_end"]:
+                    f(self, i)
         bar.close()
         return self._epoch_row(epoch, time.time() - t0)
 
-    def train_step(self, batch, epoch: int, b: int, n: int):
+    def train_window(self, window: list, epoch: int, b0: int, n: int) -> list:
+        """One optimiser step's micro-batches ``b0, b0 + 1, ...`` of ``n``, normalised over
+        the global batch: their ``prepare`` stages run first, each term's valid positions
+        are summed over the window and all processes, and each micro-batch then divides its
+        sums by that total (times processes x accumulate, which DDP's averaging and the
+        ``1 / accumulate`` of the backward undo), so the step's gradient is the mean over
+        every valid token of the global batch however they fall into micro-batches."""
+        st, d = self.state, self.distiller
+        ready = []
+        for i, batch in enumerate(window):
+            d.set_progress(st["step"], self.total_steps, steps_per_epoch=self.steps_per_epoch,
+                           epoch=epoch + (b0 + i) / n)
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            ready.append(d.prepare_batch(batch))
+        counts = self._global_counts(ready)
+        return [self.train_step(p, epoch, b0 + i, n, prepared=True, counts=counts)
+                for i, p in enumerate(ready)]
+
+    def _global_counts(self, batches: list) -> dict:
+        per = [self.distiller.token_counts(p) for p in batches]
+        names = list(per[0])
+        if not names:
+            return {}
+        total = torch.stack([sum(c[k] for c in per) for k in names]).double()
+        if self.dist.active:
+            torch.distributed.all_reduce(total)
+        total = (total.clamp_min(1) / (self.dist.world * self.cfg.accumulate)).float()
+        return dict(zip(names, total.unbind()))
+
+    def train_step(self, batch, epoch: int, b: int, n: int, *, prepared=False, counts=None):
         """Forward and backward of micro-batch ``b`` of ``n``; the optimiser steps every
-        ``accumulate`` micro-batches (and at the epoch's end). Returns the step's Output."""
+        ``accumulate`` micro-batches (and at the epoch's end). Returns the step's Output.
+        ``prepared``/``counts``: see :meth:`train_window`."""
         c, st = self.cfg, self.state
         self.distiller.set_progress(
             st["step"], self.total_steps, steps_per_epoch=self.steps_per_epoch, epoch=epoch + b / n
@@ -383,7 +428,7 @@ class Trainer:
         opens = b % c.accumulate == 0  # the first micro-batch of an optimiser step
         if opens and self._nan_skip:
             self._snapshot()
-        out = self._forward_backward(batch)
+        out = self._forward_backward(batch, prepared, counts)
         total = out.total.detach()
         self._window = total if opens or self._window is None else self._window + total
         self._accumulate(out, out.batch if out.batch is not None else batch)
@@ -394,13 +439,14 @@ class Trainer:
                 f(self, out)
         return out
 
-    def _forward_backward(self, batch):
+    def _forward_backward(self, batch, prepared=False, counts=None):
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        kw = {"prepared": True, "counts": counts} if prepared else {}
         if self.amp_dtype:
             with torch.autocast(self.device.type, dtype=self.amp_dtype):
-                out = self.model(batch)
+                out = self.model(batch, **kw)
         else:
-            out = self.model(batch)
+            out = self.model(batch, **kw)
         acc = self.cfg.accumulate
         loss = out.total if acc == 1 else out.total / acc  # x/1 is x
         (self.scaler.scale(loss) if self.scaler.is_enabled() else loss).backward()
@@ -617,7 +663,7 @@ class Trainer:
                 self.cfg.eval_batch_size,
                 self.device,
                 self.dist,
-                task=task,
+                task=task.for_io(self.distiller.teacher_io[n]),
                 io=self.distiller.teacher_io[n],
             )
             key = "teacher" if len(names) == 1 else f"teacher_{n}"
