@@ -9,7 +9,20 @@ tokenizer trained here on tiny Shakespeare's train split), same blocks, batch, o
                               ``onpolicy`` prepare stage, one coin per sample)
   trl_distill / cd_jsd_l1     TRL's DistillationTrainer (always on-policy, chunked JSD) /
                               ``onpolicy`` with lmbda 1, sampling T 1
-  trl_gold_uld / cd_uld       GOLD with ULD across two tokenizers (ours: the ``uld`` loss)
+  trl_gold_uld / cd_uld       TRL's GOLDTrainer, ULD across two tokenizers (a char-level student,
+                              the BPE teacher) / ``ce`` + 1.5 ``uld`` on ``shakespeare_pair``
+
+GOLD is set to compute our loss (``GOLD_SETTINGS``): positional ULD as in the paper
+(``use_extended_uld=False``), ``uld_token_merge_strategy="bayesian"`` (the logits that *predict*
+each scored token, as our position-aligned labels; TRL's default "observed" takes the logits *at*
+the scored tokens, one position later), CE weight 1 and ULD weight 1.5 (the paper's), lmbda 0
+(off-policy, as ours), no EOS on the student (TRL's CE counts it but ULD would skip it, so the
+two terms would score different tokens) and the teacher's appended EOS skipped. TRL re-tokenizes
+the teacher's prompt and completion text every step (prompt = the window's first character);
+``shakespeare_pair`` tokenizes the whole split once and cuts windows, so the teachers' token
+sequences differ slightly in training; the fixed-batch loss feeds our Distiller TRL's own teacher
+tensors. Two further fixed-batch lines show TRL's default merge strategy and its hybrid ULD next
+to our ``uld``/``uld_hybrid``: they are different losses by design (reported, not checked).
 
 TRL runs in float32 without activation checkpointing, like ours (its configs default to bf16
 autocast and gradient checkpointing, which change both the numbers and the work; pass
@@ -69,8 +82,8 @@ QUICK = dict(vocab=512, block=64, prompt=32, batch=8, warmup=2, steps=6, repeats
 FULL = dict(vocab=2048, block=128, prompt=64, batch=16, warmup=3, steps=20, repeats=3,
             max_chars=None, teacher=(4, 256), student=(2, 64), loss_tokens=2048,
             store_blocks=256, loss_modes=("loss_full", "loss_tiled", "loss_trl_chunked"))
-# tokens per tile of the chunked loss: 2^20 logits (4 MiB fp32) per tile at any vocabulary;
-# tiled_token_loss's own default (1024 tokens) would make a 1024 x 32k tile, the full logits
+# tokens per tile of the chunked loss: 2^20 logits (4 MiB fp32) per tile at any vocabulary
+# (tiled_token_loss's own default; set here explicitly so the row does not depend on it)
 TILE_LOGITS = 2**20
 BIG_VOCAB = 32_768
 
@@ -95,6 +108,23 @@ def setup(spec: dict):
     return tok, path, data, teacher, student
 
 
+def pair_setup(spec: dict, rows: int | None = None):
+    """The GOLD row's data: ``shakespeare_pair`` (char-level student, the BPE teacher
+    tokenizer of ``setup``) and seeded teacher / student GPT-2s over those two vocabularies.
+    Positions: 2 x block (TRL's student window is block + 1 tokens, its teacher adds an EOS)."""
+    from crossdistill.data.text_pair import shakespeare_pair_split
+
+    data = shakespeare_pair_split("train", tokenizer="char", teacher_tokenizer="bpe",
+                                  teacher_vocab_size=spec["vocab"], block=spec["block"],
+                                  max_chars=spec["max_chars"], cache_dir=spec["cache"])
+    need = rows or (spec["warmup"] + spec["steps"]) * spec["batch"]
+    tok_s, tok_t = data.tokenizer, data.teacher_tokenizer
+    data = data.subset(torch.arange(min(need, len(data))))
+    teacher = gpt(tok_t, spec["teacher"], 2 * spec["block"], seed=0, init=0.2)
+    student = gpt(tok_s, spec["student"], 2 * spec["block"], seed=1)
+    return tok_s, tok_t, data, teacher, student
+
+
 def gpt(tok, size, block: int, seed: int, init: float = 0.02, vocab: int | None = None):
     from crossdistill.models.hf import create_hf
 
@@ -115,10 +145,7 @@ def available() -> dict[str, str | None]:
     from crossdistill.registry import LOSSES, PREPARES
 
     onpolicy = None if "onpolicy" in PREPARES else "not available yet (onpolicy stage)"
-    # the uld loss and shakespeare_pair data landed late: the GOLD pair (two tokenizers on both
-    # sides, TRL's GOLDTrainer) is not wired yet, so neither side runs rather than a mismatch
-    why = "uld loss" if "uld" not in LOSSES else "GOLD pair not wired"
-    gold = f"not available yet ({why})"
+    gold = None if "uld" in LOSSES else "not available yet (uld loss)"
     return {"cd_jsd_l05": onpolicy, "cd_jsd_l1": onpolicy, "cd_uld": gold, "trl_gold_uld": gold}
 
 
@@ -152,6 +179,53 @@ def gkd_collate(prompt: int, mask_prompt: bool):
     return collate
 
 
+# GOLD's settings that make it compute ours (see the module docstring), and ours
+GOLD_SETTINGS = dict(lmbda=0.0, use_uld_loss=True, use_extended_uld=False,
+                     uld_token_merge_strategy="bayesian", uld_use_hybrid_loss=False,
+                     uld_crossentropy_weight=1.0, uld_distillation_weight=1.5,
+                     uld_student_temperature=1.0, uld_teacher_temperature=1.0,
+                     uld_skip_student_eos=False, uld_skip_teacher_eos=True, beta=0.5)
+CD_GOLD_TERMS = ("ce", 1.0), ("uld", 1.5)
+GOLD_DIFFERENCES = (
+    "TRL re-tokenizes the teacher's prompt/completion text each step (prompt and completion "
+    "apart, then an EOS); shakespeare_pair tokenizes the split once and cuts windows",
+    "TRL's default uld_token_merge_strategy 'observed' pairs the logits at the scored tokens "
+    "(one position after the ones that predict them); ours = its 'bayesian'",
+    "hybrid: TRL matches vocabulary strings (byte-level 'Ġ'/'Ċ' never equal a char tokenizer's "
+    "' '/'\\n'; '<|endoftext|>' matches), uld_hybrid matches the bytes tokens stand for",
+    "TRL's CE counts a student EOS that its ULD skips; the benchmark's student has no EOS",
+)
+CD_SETTINGS = ("terms ce (weight 1) + uld (weight 1.5, T 1; positional pairs); data "
+               "shakespeare_pair (char student, BPE teacher, teacher reads teacher_input_ids)")
+TEACHER_IO = {"inputs": {"input_ids": "teacher_input_ids",
+                         "attention_mask": "teacher_attention_mask"}}
+
+
+def gold_windows(data, tok, rows: int | None = None):
+    """Student windows (block + 1 ids: inputs and the last label) and their text split as
+    GOLD wants it: prompt = the first character (unscored on both sides), completion = rest."""
+    ids = data["input_ids"][:rows] if rows else data["input_ids"]
+    last = data["labels"][: len(ids), -1:]
+    win = torch.cat([ids, last], 1)
+    dec = lambda r: tok.decode(r, skip_special_tokens=False,  # noqa: E731
+                               clean_up_tokenization_spaces=False)
+    rows_ = win.tolist()
+    return win, [dec(r[:1]) for r in rows_], [dec(r[1:]) for r in rows_]
+
+
+def gold_collate(rows):
+    """GOLD's off-policy batch: the student window with the prompt character masked, no EOS,
+    and the texts TRL re-tokenizes for the teacher (``original_*_text``)."""
+    ids = torch.stack([torch.as_tensor(r["input_ids"]) for r in rows])
+    labels = ids.clone()
+    labels[:, :1] = -100
+    ones = torch.ones_like(ids)
+    return {"input_ids": ids, "attention_mask": ones, "labels": labels, "prompts": ids[:, :1],
+            "prompt_attention_mask": ones[:, :1],
+            "original_prompt_text": [r["original_prompt_text"] for r in rows],
+            "original_completion_text": [r["original_completion_text"] for r in rows]}
+
+
 def trl_trainer(mode: str, spec: dict, tok, data, teacher, student, out: str, callbacks=()):
     import datasets
 
@@ -175,6 +249,20 @@ def trl_trainer(mode: str, spec: dict, tok, data, teacher, student, out: str, ca
         return DistillationTrainer(model=student, teacher_model=teacher, args=args,
                                    train_dataset=datasets.Dataset.from_dict({"prompt": prompts}),
                                    processing_class=tok, callbacks=list(callbacks))
+    if mode == "trl_gold_uld":
+        from trl.experimental.gold import GOLDConfig, GOLDTrainer
+
+        win, prompts, comps = gold_windows(data, tok)
+        args = trl_args(GOLDConfig, spec, out, **GOLD_SETTINGS,
+                        teacher_tokenizer_name_or_path=data.info["teacher_tokenizer"],
+                        max_completion_length=spec["block"], remove_unused_columns=False,
+                        dataset_kwargs={"skip_prepare_dataset": True})
+        rows = datasets.Dataset.from_dict({"input_ids": win.tolist(),
+                                           "original_prompt_text": prompts,
+                                           "original_completion_text": comps})
+        return GOLDTrainer(model=student, teacher_model=teacher, args=args,
+                           data_collator=gold_collate, train_dataset=rows,
+                           processing_class=tok, callbacks=list(callbacks))
     raise ValueError(mode)
 
 
@@ -209,10 +297,20 @@ def cd_trainer(mode: str, spec: dict, tok_path, data, teacher, student):
         prepare = [{"name": "onpolicy", "prompt_tokens": spec["prompt"], "lmbda": lmbda,
                     "temperature": temp, "max_new_tokens": spec["block"] - spec["prompt"],
                     "tokenizer": str(tok_path)}]
-    d = cd.Distiller(student, teacher, [cd.Term("jsd", beta=0.5)], task="lm", prepare=prepare)
+    if mode == "cd_uld":
+        d = gold_distiller(student, teacher, data)
+    else:
+        d = cd.Distiller(student, teacher, [cd.Term("jsd", beta=0.5)], task="lm", prepare=prepare)
     tr = cd.Trainer(d, data, epochs=1, batch_size=spec["batch"], optimizer="adamw", lr=1e-3,
                     weight_decay=0.0, schedule="constant", progress=False, device=spec["device"])
     return tr.setup()
+
+
+def gold_distiller(student, teacher, data, terms=CD_GOLD_TERMS):
+    import crossdistill as cd
+
+    return cd.Distiller(student, teacher, [cd.Term(n, weight=w) for n, w in terms], task="lm",
+                        teacher_io=TEACHER_IO, data=data)
 
 
 def cd_run(tr, warmup: int) -> tuple[float, int]:
@@ -271,7 +369,11 @@ class PeakMemory:
 def measure(mode: str, spec: dict) -> dict:
     """Train ``warmup + steps`` steps of ``mode``; tokens/s over the timed steps and peak
     memory of the whole training loop above the process after set-up."""
-    tok, tok_path, data, teacher, student = setup(spec)
+    if mode in ("trl_gold_uld", "cd_uld"):  # tokens = the block's scored student positions
+        tok, _, data, teacher, student = pair_setup(spec)
+        tok_path = None
+    else:
+        tok, tok_path, data, teacher, student = setup(spec)
     teacher, student = teacher.to(spec["device"]), student.to(spec["device"])
     tokens_per_step = spec["batch"] * spec["block"]
     with tempfile.TemporaryDirectory(prefix="cd-peers-") as out:
@@ -327,7 +429,47 @@ def fixed_batch_losses(spec: dict) -> dict:
                   "completion_ids": ids[:, p:], "completion_mask": ones[:, p:]}
         trl = distill._compute_loss(distill.model, inputs, None)[0].item()
         out["distill_chunked"] = (trl, d(_aligned(ids, p)).total.item())
-    return {k: {"trl": a, "crossdistill": b, "abs_diff": abs(a - b)} for k, (a, b) in out.items()}
+    out.update(gold_fixed_batch(spec))
+    return {k: {"trl": v[0], "crossdistill": v[1], "abs_diff": abs(v[0] - v[1]),
+                "same": len(v) < 3 or v[2]} for k, v in out.items()}
+
+
+def gold_fixed_batch(spec: dict) -> dict:
+    """GOLD's ``compute_loss`` and the Distiller on one batch; ours reads TRL's own teacher
+    tensors (``build_teacher_inputs_from_texts``), position-aligned and without the EOS."""
+    from trl.experimental.gold.gold_trainer import ULDLoss, build_teacher_inputs_from_texts
+
+    tok_s, tok_t, data, teacher, student = pair_setup(spec)
+    n = spec["batch"]
+    with tempfile.TemporaryDirectory(prefix="cd-peers-") as tmp:
+        gold = trl_trainer("trl_gold_uld", spec, tok_s, data, teacher, student, tmp)
+    win, prompts, comps = gold_windows(data, tok_s, n)
+    trl_in = gold_collate([{"input_ids": w, "original_prompt_text": p,
+                            "original_completion_text": c}
+                           for w, p, c in zip(win, prompts, comps, strict=True)])
+    t_ids, t_lab, t_mask, _ = build_teacher_inputs_from_texts(gold.teacher_tokenizer, prompts,
+                                                              comps, use_extended_uld=False)
+    lab = torch.full_like(t_lab, -100)
+    lab[:, :-1] = t_lab[:, 1:]
+    lab[lab == tok_t.eos_token_id] = -100  # the appended EOS (TRL skips it); the text has none
+    ours_in = {"input_ids": win[:, :-1], "labels": win[:, 1:],
+               "attention_mask": torch.ones_like(win[:, :-1]), "teacher_input_ids": t_ids,
+               "teacher_labels": lab, "teacher_attention_mask": t_mask.long()}
+    out = {}
+    with torch.no_grad():
+        ours = gold_distiller(student, teacher, data)(ours_in).total.item()
+        out["gold_uld_ce"] = (gold.compute_loss(gold.model, trl_in).item(), ours)
+        gold.uld_loss_fn.token_merge_strategy = "observed"  # TRL's default: logits one later
+        out["gold_uld_observed (differs)"] = (gold.compute_loss(gold.model, trl_in).item(), ours,
+                                              False)
+        gold.args.uld_use_hybrid_loss = True  # string vs byte vocabulary matches
+        gold.args.uld_token_merge_strategy = "bayesian"
+        gold.uld_loss_fn = ULDLoss(gold.args, student_tokenizer=tok_s,
+                                   teacher_tokenizer=gold.teacher_tokenizer, device="cpu")
+        hyb = gold_distiller(student, teacher, data, (("ce", 1.0), ("uld_hybrid", 1.5)))
+        out["gold_hybrid (differs)"] = (gold.compute_loss(gold.model, trl_in).item(),
+                                        hyb(ours_in).total.item(), False)
+    return out
 
 
 def _aligned(ids, first: int) -> dict:
@@ -444,9 +586,15 @@ def print_tables(res: dict) -> None:
     print(f"peak memory = {res['memory_kind']}; tokens/s = positions trained per second "
           "(generation included), median of the rounds")
     loss = [(k, f"{v['trl']:.7f}", f"{v['crossdistill']:.7f}", f"{v['abs_diff']:.2e}",
+             "not the same loss" if not v.get("same", True) else
              "ok" if v["abs_diff"] <= TARGETS["loss_abs"] else "MISSED")
             for k, v in res["fixed_batch_loss"].items()]
     print(format_table(["fixed-batch loss", "TRL", "crossdistill", "|diff|", "<= 1e-5"], loss))
+    gold = res.get("gold_settings")
+    if gold:
+        print("GOLD row settings: TRL GOLDConfig(" + ", ".join(
+            f"{k}={v!r}" for k, v in gold["trl"].items()) + "); crossdistill: " + gold["cd"])
+        print("differs by design: " + "; ".join(gold["differences"]))
     lm = res["loss_memory"]
     print(format_table(
         ["loss at 32k vocab", "peak MiB", "x full", "seconds"],
@@ -489,6 +637,8 @@ def main(argv=None) -> dict:
     skipped = {k: v for k, v in available().items() if v}
     modes = [m for _, trl, ours in PAIRS for m in (trl, ours) if m not in skipped]
     setup(spec)  # trains and caches the tokenizer once, before any child
+    if "cd_uld" in modes or "trl_gold_uld" in modes:
+        pair_setup(spec)  # and the char tokenizer of the GOLD row
     runs: dict[str, list[dict]] = {m: [] for m in modes}
     kinds = set()
     for r in range(repeats):
@@ -514,6 +664,8 @@ def main(argv=None) -> dict:
         "runs": runs,
         "pairs": summarise(runs, skipped),
         "fixed_batch_loss": fixed_batch_losses(spec),
+        "gold_settings": {"trl": GOLD_SETTINGS, "cd": CD_SETTINGS,
+                          "differences": GOLD_DIFFERENCES},
         "loss_memory": loss_mem,
         "store": store_row(spec),
         "targets": TARGETS,

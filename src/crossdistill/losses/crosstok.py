@@ -106,8 +106,9 @@ def _sorted_l1(q: Tensor, p: Tensor) -> Tensor:
     """ULD's distance: ``sum_i |sort(q)_i - sort(p)_i|``, probabilities sorted descending and
     the smaller vocabulary zero-padded (the Wasserstein-1 distance under a uniform cost)."""
     width = max(q.shape[-1], p.shape[-1])
-    q = F.pad(q, (0, width - q.shape[-1])).sort(-1, descending=True).values
-    p = F.pad(p, (0, width - p.shape[-1])).sort(-1, descending=True).values
+    # probabilities are >= 0: sorting before the zero padding gives the same vectors, cheaper
+    q = F.pad(q.sort(-1, descending=True).values, (0, width - q.shape[-1]))
+    p = F.pad(p.sort(-1, descending=True).values, (0, width - p.shape[-1]))
     return (q - p).abs().sum(-1)
 
 
