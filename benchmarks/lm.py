@@ -573,7 +573,7 @@ def _work(item):
 
 def row_names(methods) -> list[str]:
     """The result rows of these methods, in table order."""
-    return [r for m in methods for r in (METHODS[m].rows or (m,))]
+    return list(dict.fromkeys(r for m in methods for r in (METHODS[m].rows or (m,))))
 
 
 # -- summaries --------------------------------------------------------------------------------
