@@ -100,3 +100,9 @@ def test_store_tap_and_end_to_end(tmp_path):
 def test_online_teacher_with_topk_tap_is_a_clear_error():
     with pytest.raises(ConfigError, match="top-k teacher store"):
         cd.Distiller(TinyLM(), TinyLM(seed=3), [cd.Term("topk")], task="lm")
+
+
+def test_online_teacher_with_observed_tap_is_a_clear_error():
+    with pytest.raises(ConfigError, match="observed-token teacher store"):
+        cd.Distiller(TinyLM(), TinyLM(seed=3), [cd.Term("fkl", teacher="token_logprob")],
+                     task="lm")

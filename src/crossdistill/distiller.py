@@ -26,7 +26,7 @@ from .context import FIELDS as CONTEXT_FIELDS
 from .context import LOSS_CONTEXT, Context, at_dims, masked_mean
 from .errors import ConfigError, describe
 from .registry import LOSSES
-from .signals import TOPK
+from .signals import STORE_ONLY
 from .taps import LOGITS, OUTPUT, Capture, Tap, resolve
 
 TapSpec = str | Tap | Sequence[str | Tap]
@@ -336,10 +336,10 @@ class Distiller(nn.Module):
                 if getattr(model, "is_store", False):
                     continue
                 for tap in getattr(t, side):
-                    if side == "teacher" and str(tap) == TOPK:
+                    if side == "teacher" and str(tap) in STORE_ONLY:
                         raise ConfigError(
-                            f"{t.field}.teacher", TOPK, "a signal of a top-k teacher store "
-                            "(cache-teacher --topk K); an online teacher gives its full "
+                            f"{t.field}.teacher", str(tap), f"a signal of a "
+                            f"{STORE_ONLY[str(tap)]}; an online teacher gives its full "
                             "logits: use fkl / jsd with teacher: logits",
                         )
                     if str(tap) != LOGITS and tap.path != OUTPUT:
@@ -413,6 +413,8 @@ class Distiller(nn.Module):
         finally:
             self.student.train(was_training)
         device = next(self.student.parameters()).device
+        ctx = self.context(batch)  # one context for every term, as in forward
+        ref = ctx.mask if ctx.mask is not None else ctx.y
         for term in self.terms:
             s = [s_vals[str(tap)] for tap in term.student]
             t = [t_vals[(self._teacher_of(term), str(tap))] for tap in term.teacher]
@@ -446,15 +448,12 @@ class Distiller(nn.Module):
                 # stream (a memory bank draws negatives) are left untouched
                 cuda = [device] if device.type == "cuda" else []
                 with torch.random.fork_rng(devices=cuda):
-                    value = _at_term(term, self._raw, term, s, t, self.context(batch),
-                                     copy.deepcopy(mod))
+                    value = _at_term(term, self._raw, term, s, t, ctx, copy.deepcopy(mod))
             else:
                 params = inspect.signature(term.fn).parameters
                 self._ctx[term.name] = {k for k in CONTEXT_FIELDS if k in params}
-                value = _at_term(term, self._raw, term, s, t, self.context(batch))
-            ctx = self.context(batch)
+                value = _at_term(term, self._raw, term, s, t, ctx)
             term.reduce(value, ctx)
-            ref = ctx.mask if ctx.mask is not None else ctx.y
             self._dims[term.name] = ref.dim() if term.sums and ref is not None else value.dim()
         for stage in self.prepare:  # e.g. onpolicy: prompt vs block, context lengths, tokenizer
             check = getattr(stage, "check", None)

@@ -13,6 +13,10 @@ import torch
 from torch import Tensor
 
 TOPK = "topk"  # the store tap that yields a TopK
+OBSERVED = "token_logprob"  # an ``observed`` store's one signal: log p(next token), float32
+# taps only a teacher store has: the kind of store, made by the cache-teacher option shown
+STORE_ONLY = {TOPK: "top-k teacher store (cache-teacher --topk K)",
+              OBSERVED: "observed-token teacher store (cache-teacher --observed KEY)"}
 
 
 @dataclass

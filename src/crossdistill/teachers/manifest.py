@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError
+from ..signals import OBSERVED  # noqa: F401  (re-exported: the writer and store read it here)
 
 FORMAT = "crossdistill-teacher-store/2"
 OLD_FORMATS = ("crossdistill-teacher-store/1",)  # no content hashes: refused, rewrite it
@@ -24,7 +25,6 @@ MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 64 << 20
 LOGITS = "logits"
 TOPK_KEYS = ("logits.values", "logits.indices", "logits.lse")
-OBSERVED = "token_logprob"  # an ``observed`` store's one signal: log p(next token), float32
 DTYPES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}  # store dtype -> safetensors
 INDEX_DTYPES = {"uint8": "U8", "uint16": "U16", "int32": "I32"}
 ST_BYTES = {"F16": 2, "BF16": 2, "F32": 4, "I64": 8, "U8": 1, "U16": 2, "I32": 4}
