@@ -72,6 +72,12 @@ FULL = {
     "cross": {"char": {"tokenizer": "char"}, "bpe300": {"tokenizer": "bpe", "vocab_size": 300}},
     "cross_student": "s",
     "epochs": 20,
+    # the cross-tokenizer cells see 1.5-2.5x more, shorter blocks; 20 epochs left their CE
+    # baseline 0.001 bits short of the plateau rule: 24 (a quarter more steps)
+    "cross_epochs": 24,
+    # HF's fused tanh-GELU (the same function as GPT-2's default gelu_new, to float rounding):
+    # gelu_new is five Python-level ops, a fifth of the teacher's forward on CPU
+    "activation": "gelu_pytorch_tanh",
     "lr": 3e-3,
     "prompt_tokens": 32,  # GKD / SeqKD / CoMD: the first half of each block is the prompt
     # CoMD: a pool of train-block prompts, rounds of SeqKD (epochs each, lr) from the
@@ -91,6 +97,8 @@ QUICK = {
     "cross": {"char": {"tokenizer": "char"}, "bpe300": {"tokenizer": "bpe", "vocab_size": 300}},
     "cross_student": "s",
     "epochs": 2,
+    "cross_epochs": 2,
+    "activation": "gelu_pytorch_tanh",
     "lr": 3e-3,
     "prompt_tokens": 32,
     "comd": {"prompts": 32, "rounds": 2, "epochs": 1, "lr": 1e-3},
@@ -113,7 +121,10 @@ class Method:
     cells: str
     build: object  # P -> dict merged into the run config
     teacher: bool = True
-    store: bool = False  # the teacher's logits come from the per-token store (see train_teacher)
+    # the teacher's signals come from a per-token store made once (see train_teacher):
+    # "logits" (every logit, float32: the same values as the online teacher) or "observed"
+    # (the teacher's log-prob of each observed token, 4 bytes a token: all that ALM reads)
+    store: str | None = None
     runner: str = "train"
     about: str = ""
     rows: tuple[str, ...] = ()  # the result rows one run gives (default: the method's own)
@@ -126,14 +137,14 @@ def _terms(*terms):
 def _token_kd(loss: str, cells: str, about: str, **params) -> Method:
     """A token-level divergence alone (no CE), teacher logits from the store."""
     return Method(
-        (("losses", loss),), cells, _terms({"loss": loss, **params}), store=True, about=about
+        (("losses", loss),), cells, _terms({"loss": loss, **params}), store="logits", about=about
     )
 
 
-def _onpolicy(lmbda: float, seq_kd: float, terms: list[dict]):
+def _onpolicy(lmbda: float, seq_kd: float, terms: list[dict], **stage_params):
     def build(P):
         stage = {"name": "onpolicy", "prompt_tokens": P["prompt_tokens"], "lmbda": lmbda}
-        stage.update(seq_kd=seq_kd, temperature=0.9)
+        stage.update(seq_kd=seq_kd, temperature=0.9, **stage_params)
         return {"prepare": [stage], "terms": [dict(t) for t in terms]}
 
     return build
@@ -160,7 +171,7 @@ METHODS: dict[str, Method] = {
         (("methods", "taid"),),
         SAME,
         lambda P: {"method": {"name": "taid", "ce_weight": 0.0}},
-        store=True,
+        store="logits",
         about="TAID, LM form (no CE), the paper's adaptive schedule",
     ),
     "gkd": Method(
@@ -173,13 +184,17 @@ METHODS: dict[str, Method] = {
         (("prepares", "onpolicy"), ("losses", "jsd")),
         MAIN,
         _onpolicy(0.0, 0.0, [{"loss": "jsd", "beta": 0.5}]),
+        store="logits",  # lambda 0 keeps the dataset's tokens: the stored logits are exact
         about="GKD's supervised KD (lambda 0): dataset continuations, same masking and loss",
     ),
     "seqkd": Method(
         (("prepares", "onpolicy"),),
         MAIN,
-        _onpolicy(0.0, 1.0, [{"loss": "ce"}]),
-        about="SeqKD: CE on teacher continuations (sampled, T 0.9)",
+        # Kim & Rush generate once per source; we sample afresh every 4th step and replay the
+        # last 1024 teacher sequences between (the stage's bounded-generation setting)
+        _onpolicy(0.0, 1.0, [{"loss": "ce"}], regenerate_every=4, buffer_size=1024),
+        about="SeqKD: CE on teacher continuations (sampled, T 0.9; new ones every 4th step, "
+        "replayed between)",
     ),
     "bistil": Method(
         (("methods", "bistil"),), MAIN, _bistil(True), about="BiStil: teacher-layer init + KD"
@@ -207,13 +222,16 @@ METHODS: dict[str, Method] = {
         (("datasets", "shakespeare_pair"), ("losses", "uld")),
         CROSS,
         _terms({"loss": "ce"}, {"loss": "uld"}),
+        store="logits",
         about="CE + ULD (weight 1.5)",
     ),
     "x-alm": Method(
         (("datasets", "shakespeare_pair"), ("losses", "alm")),
         CROSS,
-        _terms({"loss": "ce"}, {"loss": "alm"}),
-        about="CE + ALM (tau 100)",
+        _terms({"loss": "ce"}, {"loss": "alm", "teacher": "token_logprob"}),
+        store="observed",
+        about="CE + ALM (tau 100; teacher log-probs of its observed tokens from a 4 B/token "
+        "store)",
     ),
 }
 
@@ -298,6 +316,8 @@ def train_spec(P: dict, epochs: int, seed: int) -> dict:
 
 def hf_spec(arch: dict, P: dict, inputs: dict | None = None, **config) -> dict:
     cfg = {**arch, "n_positions": P["text"]["block"], **config}
+    if P.get("activation"):
+        cfg["activation_function"] = P["activation"]
     return {"hf": "gpt2", "config": cfg, "inputs": inputs or {"input_ids": "input_ids"}}
 
 
@@ -348,21 +368,35 @@ def run_config(P: dict, method: str, cell: str, seed: int, cache: Path, ids: dic
         "name": f"lm-{method}-{cell}-{seed}",
         "student": hf_spec(arch, P),
         "data": data_spec(P, cache, cell),
-        "train": train_spec(P, P["epochs"], seed),
+        "train": train_spec(P, P["cross_epochs" if is_cross(P, cell) else "epochs"], seed),
     }
     if m.teacher:
         cfg["teacher"] = teacher_spec(P, cache, ids, cell)
         if m.store:  # beside model + checkpoint: the store is checked against those weights
-            cfg["teacher"]["store"] = str(teacher_dir(P, cache, ids) / "store")
+            cfg["teacher"]["store"] = str(store_dir(P, cache, ids, cell, m.store))
     return merge(cfg, m.build(P))
+
+
+def store_dir(P: dict, cache: Path, ids: dict, cell: str, kind: str = "logits") -> Path:
+    """The teacher's store for ``cell``: the same-tokenizer cells share one (``store``); each
+    cross-tokenizer cell has its own, over the teacher's tokenization of that cell's blocks."""
+    name = "store" if not is_cross(P, cell) else f"store-{cell}"
+    return teacher_dir(P, cache, ids) / (name if kind == "logits" else f"{name}-{kind}")
+
+
+def store_kinds(P: dict) -> list[tuple[str, str]]:
+    """(cell, kind) of every store the available methods read."""
+    out = []
+    for m in METHODS.values():
+        if m.teacher and m.store:
+            out += [(c, m.store) for c in cells_of(P, m.cells) if (c, m.store) not in out]
+    return out
 
 
 def param_count(arch: dict, P: dict, vocab: int) -> int:
     from crossdistill.models.hf import create_hf
 
-    model = create_hf(
-        "gpt2", config={**arch, "n_positions": P["text"]["block"], "vocab_size": vocab}
-    )
+    model = create_hf("gpt2", config={**hf_spec(arch, P)["config"], "vocab_size": vocab})
     return sum(p.numel() for p in model.parameters())
 
 
@@ -398,11 +432,12 @@ def _quiet() -> None:
 
 def train_teacher(P: dict, cache: Path, ids: dict) -> dict:
     """The teacher of ``P`` (trained once: CE, seed 0, best epoch on val) and its per-token
-    store over the train split (full float32 logits, written once by ``crossdistill
-    cache-teacher``): the token-level KD rows read it instead of running the teacher, with
-    the same values (the store holds exactly what the teacher computes)."""
+    stores over the train split (written once each by ``crossdistill cache-teacher``): full
+    float32 logits for the rows that read logits (the same values the teacher computes),
+    per cell, and for ALM only the observed tokens' log-probs (``--observed teacher_labels``).
+    The rows with a store read it instead of running the teacher."""
     out = teacher_dir(P, cache, ids)
-    meta_path, store = out / "meta.json", out / "store"
+    meta_path = out / "meta.json"
     if not (meta_path.is_file() and (out / "student.safetensors").is_file()):
         _quiet()
         from crossdistill.build import make_trainer
@@ -422,17 +457,23 @@ def train_teacher(P: dict, cache: Path, ids: dict) -> dict:
             "dir": str(out),
         }
         meta_path.write_text(json.dumps(meta, indent=2))
-    if not (store / "manifest.json").is_file():
+    for cell, kind in store_kinds(P):
+        store = store_dir(P, cache, ids, cell, kind)
+        if (store / "manifest.json").is_file():
+            continue
         import yaml
 
         from crossdistill import cli
 
-        cfg = run_config(P, "ce", cells_of(P, MAIN)[0], 0, cache, ids)
-        cfg["teacher"] = teacher_spec(P, cache, ids, cells_of(P, MAIN)[0])
-        (out / "store.yaml").write_text(yaml.safe_dump(cfg))
-        args = ["cache-teacher", str(out / "store.yaml"), "--out", str(store)]
-        if cli.main([*args, "--dtype", "float32"]) != 0:
-            raise RuntimeError(f"cache-teacher failed for {out}")
+        cfg = run_config(P, "x-ce" if is_cross(P, cell) else "ce", cell, 0, cache, ids)
+        cfg["teacher"] = teacher_spec(P, cache, ids, cell)
+        spec = out / f"{store.name}.yaml"
+        spec.write_text(yaml.safe_dump(cfg))
+        args = ["cache-teacher", str(spec), "--out", str(store), "--dtype", "float32"]
+        if kind == "observed":
+            args += ["--observed", "teacher_labels" if is_cross(P, cell) else "labels"]
+        if cli.main(args) != 0:
+            raise RuntimeError(f"cache-teacher failed for {store}")
     return json.loads(meta_path.read_text())
 
 
@@ -758,8 +799,8 @@ def plateau(rows: list[dict], P: dict) -> list[dict]:
     ``ceil(20 %)`` of epochs and the epoch before, worst seed; within PLATEAU_REL of the
     final value holds."""
     out = []
-    k = max(1, math.ceil(0.2 * P["epochs"]))
     for cell in [*P["students"], *P["cross"]]:
+        k = max(1, math.ceil(0.2 * P["cross_epochs" if is_cross(P, cell) else "epochs"]))
         method = "x-ce" if is_cross(P, cell) else "ce"
         curves = [r["val_curve"] for r in rows if (r["cell"], r["method"]) == (cell, method)]
         curves = [c for c in curves if len(c) > k]

@@ -103,7 +103,7 @@ def test_claims_within_spread_missing_and_ties(bench):
 def _p4(bench):
     """A fixed profile for the table logic (the real one's sizes may change)."""
     cross = {"char": {"tokenizer": "char"}, "bpe512": {"tokenizer": "bpe", "vocab_size": 512}}
-    return {**bench.FULL, "epochs": 4, "cross": cross}
+    return {**bench.FULL, "epochs": 4, "cross_epochs": 4, "cross": cross}
 
 
 def test_plateau_check(bench):

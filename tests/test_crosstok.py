@@ -16,6 +16,7 @@ from crossdistill.errors import ConfigError
 from crossdistill.losses.crosstok import (
     MinEDLoss,
     ULDHybridLoss,
+    _sorted_l1,
     alm,
     alm_chunks,
     binarised_ce,
@@ -131,6 +132,24 @@ def test_uld_golden_positional_pairs():
     # fewer teacher tokens: only k < min(n_s, n_t) pairs count
     one = uld(s, t, y=y, batch={"teacher_labels": torch.tensor([[0, -100]])})
     assert one.item() == pytest.approx(0.6)
+
+
+@pytest.mark.parametrize("vq, vp", [(7, 29), (29, 7), (13, 13)])
+def test_sorted_l1_topk_equals_the_padded_sort(vq, vp):
+    """The top-k form equals the definition (both sides sorted, the smaller zero-padded), in
+    value and gradient, whichever side is larger."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 5, vq, generator=g, dtype=torch.float64).softmax(-1).requires_grad_()
+    p = torch.randn(3, 5, vp, generator=g, dtype=torch.float64).softmax(-1)
+    w = max(vq, vp)
+    pad = lambda x: torch.nn.functional.pad(x.sort(-1, descending=True).values,  # noqa: E731
+                                            (0, w - x.shape[-1]))
+    ref = (pad(q) - pad(p)).abs().sum(-1)
+    out = _sorted_l1(q, p)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    (g_ref,) = torch.autograd.grad(ref.sum(), q)
+    (g_out,) = torch.autograd.grad(out.sum(), q)
+    torch.testing.assert_close(g_out, g_ref, rtol=0, atol=1e-12)
 
 
 def _jsd(p, q, beta):
