@@ -32,37 +32,26 @@ from ..errors import ConfigError
 from ..registry import METHODS
 from ..schema import Depth, NonNeg, Temperature
 from . import Recipe
+from .members import Members
 
 _BSD_MODES = ("sample", "region", "both")
 
 
-class CollaborativePair(nn.Module):
-    """Two peers trained together. ``forward(x)`` runs both; returns the mean of their logits
-    (``output="mean"``, the default), or one member's logits (``"a"`` / ``"b"``)."""
+class CollaborativePair(Members):
+    """Two peers on one input (a :class:`~crossdistill.methods.members.Members` of ``a`` and
+    ``b``). ``forward(x)`` runs both; returns the mean of their logits (``output="mean"``,
+    the default), or one member's logits (``"a"`` / ``"b"``)."""
 
     def __init__(self, a: nn.Module, b: nn.Module, output: str = "mean"):
-        super().__init__()
         if output not in ("mean", "a", "b"):
             raise ConfigError("collaborative.output", output, "one of mean, a, b")
-        self.a, self.b = a, b
-        self.output = output
-        self.stages = [f"a.{s}" for s in getattr(a, "stages", [])] + [
-            f"b.{s}" for s in getattr(b, "stages", [])
-        ]
+        super().__init__({"a": a, "b": b}, output=output, field="collaborative")
         self.family = "pair"
-
-    def forward(self, x):
-        za, zb = self.a(x), self.b(x)
-        if self.output == "a":
-            return za
-        if self.output == "b":
-            return zb
-        return (za + zb) / 2
 
 
 class BestMembers:
-    """Trainer callback: each member of a :class:`CollaborativePair` keeps its *own*
-    best-validation weights.
+    """Trainer callback: each member of a :class:`CollaborativePair` (any
+    :class:`~crossdistill.methods.members.Members`) keeps its *own* best-validation weights.
 
     The trainer selects one checkpoint on the pair's output (the mean of both members'
     logits), which the stronger member dominates: the weaker member is then judged at an epoch
@@ -71,27 +60,28 @@ class BestMembers:
     state is not checkpointed: a resumed run tracks the best from the resume on.
     """
 
-    def __init__(self, pair: CollaborativePair, val):
-        self.pair, self.val = pair, val
-        self.best = {"a": (-1.0, -1, None), "b": (-1.0, -1, None)}
+    def __init__(self, pair: Members, val, task=None):
+        self.pair, self.val, self.task = pair, val, task
+        self.best = {n: (-1.0, -1, None) for n in pair.names}
 
     def on_epoch_end(self, trainer, row: dict) -> None:
         from ..train import evaluate
 
         epoch = int(row.get("epoch", trainer.state["epoch"] - 1))
-        for name in ("a", "b"):
-            member = getattr(self.pair, name)
-            acc = evaluate(member, self.val, device=trainer.device)["acc"]
+        for name in self.pair.names:
+            member = self.pair[name]
+            io = self.pair.member_io(name) or None
+            acc = evaluate(member, self.val, device=trainer.device, task=self.task, io=io)["acc"]
             if acc > self.best[name][0]:
                 state = {k: v.detach().clone() for k, v in member.state_dict().items()}
                 self.best[name] = (acc, epoch, state)
         self.pair.train()
 
     def restore(self) -> dict:
-        """Load each member's best weights; returns ``{"a": (val_acc, epoch), "b": ...}``."""
+        """Load each member's best weights; returns ``{name: (val_acc, epoch)}``."""
         for name, (_, _, state) in self.best.items():
             if state is not None:
-                getattr(self.pair, name).load_state_dict(state)
+                self.pair[name].load_state_dict(state)
         return {name: (acc, epoch) for name, (acc, epoch, _) in self.best.items()}
 
 
