@@ -50,7 +50,7 @@ def test_zoo_is_registered():
         "gru",
     }
     assert expected <= set(ALL)
-    assert set(AUDIO) == {"audio-cnn", "gru"}
+    assert set(AUDIO) == {"audio-cnn", "gru", "audio-cnn2d"}
 
 
 @pytest.mark.parametrize("name", IMAGE)

@@ -404,6 +404,7 @@ class Distiller(nn.Module):
         was_training = self.student.training
         self.student.eval()
         self.io.check_batch(batch)
+        self.task.check_batch(batch)  # e.g. evaluation views' keys
         for name, io in self.teacher_io.items():
             if not getattr(self.teachers[name], "is_store", False) and self._needs_call(name):
                 io.check_batch(batch)

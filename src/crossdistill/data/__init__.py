@@ -207,6 +207,35 @@ def _av(
     return data
 
 
+@DATASETS.register(
+    "mnist_digits",
+    description="MNIST (source, labelled) paired with sklearn digits upsampled to 28x28 "
+    "(target; labels as target_y, for evaluation): cross-domain KD",
+    splits=True,
+    task="classification",
+)
+def _mnist_digits(
+    split,
+    root: str | None = None,
+    split_seed: Seed = 0,
+    pair_seed: Seed = 0,
+    limit: Count | dict[str, Count] | None = None,
+    target_limit: Count | dict[str, Count] | None = None,
+    train_target_labels: bool = False,
+):
+    from .domains import mnist_digits
+
+    return mnist_digits(
+        split,
+        root=root,
+        split_seed=split_seed,
+        pair_seed=pair_seed,
+        limit=limit,
+        target_limit=target_limit,
+        train_target_labels=train_target_labels,
+    )
+
+
 def load_split(name: str, split: str, *, root=None, split_seed: int = 0, **params):
     """One split of any registered source (classification readers go through ``load``)."""
     fn = DATASETS.get(name, "data.name")

@@ -58,12 +58,19 @@ def _wav_problem(e: Exception) -> str:
     return f"not a readable PCM WAV file ({why})"
 
 
-def read_wav(path, sample_rate: int | None = 8000, field: str = "data.audio") -> torch.Tensor:
+def read_wav(
+    path,
+    sample_rate: int | None = 8000,
+    field: str = "data.audio",
+    *,
+    resample: bool = False,
+) -> torch.Tensor:
     """The samples of a PCM WAV file as a float32 tensor ``(T,)`` in [-1, 1] (channels are
     averaged to mono).
 
     A different sample rate than ``sample_rate`` is an error rather than a silent resample:
-    the mel bins would be wrong. ``sample_rate=None`` accepts any rate.
+    the mel bins would be wrong. ``resample=True`` converts it with :func:`resample_wave` (a
+    windowed-sinc low-pass interpolator) instead; ``sample_rate=None`` accepts any rate.
     """
     path = Path(path)
     _check_riff(path, field)
@@ -80,12 +87,12 @@ def read_wav(path, sample_rate: int | None = 8000, field: str = "data.audio") ->
         raise ConfigError(field, str(path), "no such file") from None
     except Exception as e:  # corrupt headers raise wave.Error, EOFError, RuntimeError, ...
         raise ConfigError(field, str(path), _wav_problem(e)) from None
-    if sample_rate is not None and rate != sample_rate:
+    if sample_rate is not None and rate != sample_rate and not resample:
         raise ConfigError(
             field,
             str(path),
             f"sample rate is {rate} Hz but {sample_rate} Hz is expected "
-            "(resample the file or declare its rate)",
+            "(resample the file, declare its rate, or resample on load: resample: true)",
         )
     if width not in (1, 2, 3, 4):
         raise ConfigError(field, str(path), f"unsupported sample width {width} bytes")
@@ -104,7 +111,41 @@ def read_wav(path, sample_rate: int | None = 8000, field: str = "data.audio") ->
         dt = "<i2" if width == 2 else "<i4"
         x = np.frombuffer(raw, dt).astype(np.float32) / float(1 << (8 * width - 1))
     x = x.reshape(-1, channels).mean(1)
-    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    out = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    if sample_rate is not None and rate != sample_rate:
+        out = resample_wave(out, rate, sample_rate)
+    return out
+
+
+def resample_wave(
+    x: torch.Tensor, orig_rate: int, new_rate: int, *, zeros: int = 16, rolloff: float = 0.945
+) -> torch.Tensor:
+    """``x`` (..., T) from ``orig_rate`` to ``new_rate`` Hz by band-limited (windowed-sinc)
+    interpolation: output sample ``n`` sits at input time ``p = n * orig_rate / new_rate``
+    and is ``sum_k x[k] h(p - k)`` with ``h(d) = 2 f_c sinc(2 f_c d) w(d)``, a low-pass at
+    ``f_c = rolloff * min(orig, new) / (2 orig)`` cycles per input sample (below both
+    Nyquists, so downsampling does not alias), ``w`` a Hann window spanning ``zeros`` zero
+    crossings of the sinc each side. Samples beyond the ends count as 0. Output length
+    ``ceil(T * new_rate / orig_rate)``; computed in float64 and returned as ``x``'s dtype."""
+    for name, v in (("orig_rate", orig_rate), ("new_rate", new_rate)):
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise ConfigError(f"data.{name}", v, "a positive int (Hz)")
+    if orig_rate == new_rate:
+        return x
+    t = x.shape[-1]
+    n_out = math.ceil(t * new_rate / orig_rate)
+    fc = 0.5 * rolloff * min(orig_rate, new_rate) / orig_rate
+    half = zeros / (2 * fc)  # window half-width, in input samples
+    p = torch.arange(n_out, dtype=torch.float64) * (orig_rate / new_rate)  # (n_out,)
+    offs = torch.arange(-math.ceil(half), math.ceil(half) + 1)
+    k = torch.floor(p).long()[:, None] + offs  # (n_out, taps) input indices
+    d = p[:, None] - k
+    h = 2 * fc * torch.sinc(2 * fc * d) * torch.where(
+        d.abs() < half, 0.5 * (1 + torch.cos(math.pi * d / half)), torch.zeros(())
+    ).double()
+    valid = (k >= 0) & (k < t)
+    xs = x.double()[..., k.clamp(0, t - 1)] * valid  # (..., n_out, taps)
+    return (xs * h).sum(-1).to(x.dtype)
 
 
 def hz_to_mel(f):

@@ -14,6 +14,10 @@ Audio is a log-mel ``(1, n_mels, frames)`` standardised per utterance (each clip
 mean, unit std: robust to the unseen speakers' loudness; ``audio_norm="train"`` uses the
 train speakers' per-mel-bin mean/std instead), so no real sample is all zeros: an
 all-zero input can mean "modality missing" (see the ``fusion`` model).
+
+``noise`` gives the corrupted variant (audio noise at an SNR, image occlusion; see
+:mod:`crossdistill.data.av_noise`), e.g. ``data: {name: av, params: {noise:
+{audio_snr_db: 10, occlusion: 0.25, seed: 0}}}``.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ FSDD_DEFAULT_ROOTS = (
     "data/fsdd/recordings",
 )
 FSDD_RATE = 8000
+HOP = 80  # log_mels' default hop (10 ms at 8 kHz)
 AUDIO_NORMS = {
     "train": "per mel bin, mean/std of all train-speaker log-mels",
     "utterance": "per clip, its own mean/std",
@@ -102,15 +107,39 @@ def pair_recordings(labels: torch.Tensor, rec_labels: torch.Tensor, seed: int) -
     return out
 
 
+@functools.lru_cache(maxsize=1)
+def _fsdd_waves(root: str, resample: bool = False):
+    """Every FSDD clip's samples at 8 kHz, digit and speaker (cached per process; callers
+    never modify them). A file of another rate is refused (a ConfigError naming it, its
+    rate and 8000 Hz) unless ``resample`` (then :func:`~crossdistill.data.audio.resample_wave`)."""
+    index = fsdd_index(root)
+    waves = [read_wav(p, FSDD_RATE, field="data.fsdd_root", resample=resample) for p, *_ in index]
+    return waves, torch.tensor([t[1] for t in index]), [t[2] for t in index]
+
+
 @functools.lru_cache(maxsize=2)
-def _fsdd_log_mels(root: str, n_mels: int, frames: int):
+def _fsdd_log_mels(root: str, n_mels: int, frames: int, resample: bool = False):
     """Every FSDD clip's log-mel (N, 1, n_mels, frames), digit and speaker. Cached per
     process: the train, val and test splits each need all of them (about 3 s for 3,000
     clips); callers never modify the returned tensors in place."""
-    index = fsdd_index(root)
-    waves = [read_wav(p, FSDD_RATE, field="data.fsdd_root") for p, *_ in index]
+    waves, digits, speakers = _fsdd_waves(root, resample)
     mels = log_mels(waves, FSDD_RATE, n_mels=n_mels, frames=frames)
-    return mels, torch.tensor([t[1] for t in index]), [t[2] for t in index]
+    return mels, digits, speakers
+
+
+def _noisy_log_mels(root, pick, ids, noise, n_mels, frames, resample, chunk=1024):
+    """Log-mels of recordings ``pick`` with each sample's own noise (see ``av_noise``)."""
+    from .av_noise import noisy_waves
+
+    waves = _fsdd_waves(root, resample)[0]
+    length = (frames - 1) * HOP
+    out = []
+    for i in range(0, len(pick), chunk):  # bounded STFT memory
+        sel = pick[i : i + chunk].tolist()
+        batch = noisy_waves([waves[j] for j in sel], ids[i : i + chunk], noise.audio_snr_db,
+                            noise.seed, length)
+        out.append(log_mels(batch, FSDD_RATE, n_mels=n_mels, hop=HOP, frames=frames))
+    return torch.cat(out)
 
 
 def paired_av(
@@ -122,6 +151,8 @@ def paired_av(
     n_mels: Width = 40,
     frames: Width = 48,
     audio_norm: str = "utterance",
+    noise: dict | None = None,
+    resample: bool = False,
 ) -> Dataset:
     """The AV-MNIST-style split ``split``: keys ``image`` (N, 1, 28, 28), ``audio``
     (N, 1, n_mels, frames), ``y`` and ``idx`` (the MNIST image ids), N = the MNIST split's
@@ -131,20 +162,28 @@ def paired_av(
     removes per-speaker loudness: with ``"train"`` (each mel bin standardised by the train
     speakers' mean/std) the unseen test speaker sits about one std below zero, and a short
     fusion run (width 8, 300 steps) scored 61% vs 75% test accuracy with both modalities.
+
+    ``noise`` (``{audio_snr_db, occlusion, seed, splits}``, see
+    :mod:`crossdistill.data.av_noise`) corrupts the audio waveform at an SNR and occludes a
+    square of each image, seeded per sample id: every run sees the same corrupted set.
+    ``resample=True`` resamples recordings that are not at 8 kHz instead of refusing them.
     """
     from . import SPLITS, load
+    from .av_noise import occlude, parse_noise
 
     if split not in SPLITS:
         raise ConfigError("data.split", split, f"allowed: {', '.join(SPLITS)}")
     if audio_norm not in AUDIO_NORMS:
         raise ConfigError("data.audio_norm", audio_norm, f"allowed: {', '.join(AUDIO_NORMS)}")
+    if not isinstance(resample, bool):
+        raise ConfigError("data.resample", resample, "true or false")
+    spec = parse_noise(noise)
     images = load("mnist", split, root=mnist_root)
-    mels, rec_y, rec_spk = _fsdd_log_mels(str(find_fsdd_root(fsdd_root)), n_mels, frames)
+    root = str(find_fsdd_root(fsdd_root))
+    mels, rec_y, rec_spk = _fsdd_log_mels(root, n_mels, frames, resample)
     speakers = speaker_split(rec_spk)
     if audio_norm == "utterance":
-        mean = mels.mean(dim=(1, 2, 3), keepdim=True)
-        std = mels.std(dim=(1, 2, 3), keepdim=True).clamp_min(1e-5)
-        mels, mean, std = (mels - mean) / std, torch.zeros(1), torch.ones(1)
+        mean, std = torch.zeros(1), torch.ones(1)
     else:
         train = torch.tensor([s in speakers["train"] for s in rec_spk])
         mean = mels[train].mean(dim=(0, 3), keepdim=True)[0]  # per mel bin: (1, n_mels, 1)
@@ -160,7 +199,21 @@ def paired_av(
             f"(speakers {', '.join(speakers[split])}); both modalities need every class",
         )
     pick = mine[pair_recordings(images.y, rec_y[mine], seed * 1_000_003 + SPLITS.index(split))]
-    audio = ((mels[pick] - mean) / std).contiguous()
+    noisy = spec is not None and spec.applies(split)
+    if noisy and spec.audio_snr_db is not None:
+        raw = _noisy_log_mels(root, pick, images.idx, spec, n_mels, frames, resample)
+    else:
+        raw = mels[pick]
+    if audio_norm == "utterance":  # each clip by its own mean/std
+        raw_mean = raw.mean(dim=(1, 2, 3), keepdim=True)
+        raw_std = raw.std(dim=(1, 2, 3), keepdim=True).clamp_min(1e-5)
+        audio = ((raw - raw_mean) / raw_std).contiguous()
+    else:  # the clean train speakers' statistics, noisy or not
+        audio = ((raw - mean) / std).contiguous()
+    image = images.x
+    if noisy and spec.occlusion > 0:
+        fill = -images.info["mean"] / images.info["std"]  # raw 0 (background), standardised
+        image = occlude(image, images.idx, spec.occlusion, spec.seed, fill)
     info = {
         **images.info,
         "construction": (
@@ -169,21 +222,23 @@ def paired_av(
         ),
         "speakers": speakers,
         "seed": seed,
-        "fsdd_root": str(find_fsdd_root(fsdd_root)),
+        "fsdd_root": root,
         "audio": {
             "sample_rate": FSDD_RATE,
             "n_mels": n_mels,
             "frames": frames,
             "n_fft": 256,
-            "hop": 80,
+            "hop": HOP,
             "normalize": AUDIO_NORMS[audio_norm],
             "mean": mean.flatten().tolist() if audio_norm == "train" else None,
             "std": std.flatten().tolist() if audio_norm == "train" else None,
         },
         "recordings": len(mine),
+        "noise": spec.describe() if noisy else None,
+        "resample": resample,
     }
     return Dataset(
-        {"image": images.x, "audio": audio, "y": images.y, "idx": images.idx},
+        {"image": image, "audio": audio, "y": images.y, "idx": images.idx},
         {"image": "image", "audio": "audio", "y": "label"},
         name="av-mnist",
         split=split,

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..registry import MODELS
-from . import audio, cnn, convnet, fusion, mixer, mlp, resnet, seg, vgg, vit  # noqa: F401  (registers)
+from . import audio, cnn, convnet, fusion, mixer, mlp, resnet, seg, ssm, vgg, vit  # noqa: F401  (registers)
 
 __all__ = ["MODELS", "create", "names", "tap_paths"]
 

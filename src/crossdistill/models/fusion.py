@@ -128,3 +128,114 @@ def fusion(
     model = LateFusion(num_classes, in_channels, image_hw, audio_hw, width, dim)
     stages = [f"{b}_branch.stage{i}" for b in ("image", "audio") for i in (1, 2, 3)]
     return tag(model, family="fusion", stages=stages, feature_path="fc")
+
+
+# -- early fusion ---------------------------------------------------------------------------
+
+
+class Stem(nn.Module):
+    """One modality onto the shared grid: conv-BN-ReLU at the input's own resolution, then
+    adaptive average pooling to ``grid`` (so a 28x28 image and a 40x48 log-mel become maps
+    of one size), then zeroed for samples whose input is all zeros (missing)."""
+
+    def __init__(self, in_channels: int, width: int, grid: tuple[int, int]):
+        super().__init__()
+        self.conv = nn.Sequential(*conv_bn_relu(in_channels, width))
+        self.pool = nn.AdaptiveAvgPool2d(grid)
+
+    def forward(self, x: Tensor) -> Tensor:
+        keep = present_mask(x).to(x.dtype).view(-1, 1, 1, 1)
+        return self.pool(self.conv(x)) * keep
+
+
+class EarlyFusion(nn.Module):
+    """image_stem, audio_stem -> concatenated on channels -> stage1..3 (conv-BN-ReLU, 2x2
+    max pool after the first two) -> pool -> flatten -> fc."""
+
+    def __init__(self, num_classes, in_channels, width, grid):
+        super().__init__()
+        self.grid = grid
+        self.width = width
+        self.image_stem = Stem(in_channels, width, grid)
+        self.audio_stem = Stem(1, width, grid)
+        h, w = grid
+        prev = 2 * width
+        chans = (2 * width, 4 * width, 4 * width)
+        for i, c in enumerate(chans, start=1):
+            layers = conv_bn_relu(prev, c)
+            if i < len(chans) and min(h, w) >= 2:
+                layers.append(nn.MaxPool2d(2))
+                h, w = h // 2, w // 2
+            self.add_module(f"stage{i}", nn.Sequential(*layers))
+            prev = c
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(prev, num_classes)
+
+    def forward(self, image: Tensor | None = None, audio: Tensor | None = None) -> Tensor:
+        if image is None and audio is None:
+            raise ConfigError("inputs", None, "give an image, an audio input or both")
+        ref = image if image is not None else audio
+        empty = ref.new_zeros(ref.shape[0], self.width, *self.grid)
+        a = self.image_stem(image) if image is not None else empty
+        b = self.audio_stem(audio) if audio is not None else empty
+        x = self.stage3(self.stage2(self.stage1(torch.cat([a, b], 1))))
+        return self.fc(self.flatten(self.pool(x)))
+
+
+@MODELS.register(
+    "fusion-early",
+    family="fusion",
+    description="early fusion: per-modality conv stems pooled to one grid, concatenated on "
+    "channels, one CNN (width=16, grid=(14, 14))",
+    paper="Vielzeuf et al., CentralNet: a Multilayer Approach for Multimodal Fusion, 2018",
+)
+def fusion_early(
+    *,
+    num_classes: Count = 10,
+    in_channels: Width = 1,
+    img_size: ImgSize | tuple[ImgSize, ImgSize] | None = None,
+    width: Width = 16,
+    grid: ImgSize | tuple[ImgSize, ImgSize] = (14, 14),
+) -> nn.Module:
+    """Early fusion of an image ``(B, in_channels, H, W)`` and a log-mel
+    ``(B, 1, n_mels, frames)``, both of any size: each modality's stem (conv-BN-ReLU,
+    ``width`` channels) is average-pooled to ``grid``, the two maps are concatenated on
+    channels (``2 * width``) and one CNN (``2w, 4w, 4w`` channels) classifies them. A missing
+    modality (all-zero input, or ``None``) contributes exactly zero channels, as under
+    ``modality_dropout`` in training. ``img_size`` is accepted (and only checked) for the
+    builder, which passes the image key's size."""
+    check_common(num_classes, in_channels)
+    if img_size is not None:
+        to_hw(img_size)
+    check_positive("width", width)
+    hw = to_hw(grid, "grid")
+    model = EarlyFusion(num_classes, in_channels, width, hw)
+    return tag(model, family="fusion", stages=["stage1", "stage2", "stage3"], feature_path="fc")
+
+
+@MODELS.register(
+    "audio-cnn2d",
+    family="audio",
+    description="2-D CNN over log-mels as one-channel images, the fusion audio branch alone "
+    "(channels=(16, 32, 32), img_size=(40, 48))",
+    paper="LeCun et al., Gradient-based learning applied to document recognition, 1998",
+)
+def audio_cnn2d(
+    *,
+    num_classes: Count = 10,
+    in_channels: Width = 1,
+    img_size: ImgSize | tuple[ImgSize, ImgSize] = (40, 48),
+    channels: Width | tuple[Width, ...] = (16, 32, 32),
+) -> nn.Module:
+    """The zoo ``cnn`` on ``(B, 1, n_mels, frames)`` (conv-BN-ReLU stages, 2x2 pooling over
+    mel bins and frames, global average pool: any frame count works), tagged as an audio
+    model; ``audio-cnn`` is the 1-D (temporal) alternative."""
+    from .audio import check_audio
+    from .cnn import cnn
+
+    n_mels, frames = check_audio(num_classes, in_channels, img_size)
+    model = cnn(num_classes=num_classes, in_channels=1, img_size=(n_mels, frames),
+                channels=channels)
+    model.family = "audio"
+    return model

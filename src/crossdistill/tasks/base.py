@@ -22,7 +22,7 @@ class Task:
     mode = "min"  # "max" or "min"
     train_metrics: tuple[str, ...] = ()  # metrics also reported on the training batches
     columns: tuple[tuple[str, str], ...] = ()  # (metric, label) shown in reports
-    views: dict[str, list[str]] = {}  # evaluation views: name -> batch keys zeroed
+    views: dict = {}  # evaluation views: name -> callable(batch) -> batch (classification.View)
 
     def default_terms(self) -> list:
         from ..distiller import Term
@@ -33,6 +33,9 @@ class Task:
         """The task for a model called through adapter ``io`` (this one, unless a task scores
         models that read their own keys differently, e.g. a teacher with its own tokens)."""
         return self
+
+    def check_batch(self, batch: Mapping) -> None:
+        """Raise a ConfigError if ``batch`` lacks a key the task reads (first batch)."""
 
     def targets(self, batch: Mapping) -> torch.Tensor | None:
         return batch.get(self.target)

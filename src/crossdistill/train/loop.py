@@ -56,14 +56,17 @@ def evaluate(
     io = ModelIO.parse(io, "student").with_defaults(task.inputs, task.class_dim)
     was = model.training
     model.eval()
-    views = {"": [], **task.views}
+    views = {"": None, **task.views}  # a view: batch -> batch (the task's; e.g. a key zeroed)
     sums: dict = {v: {} for v in views}
-    for batch, keep in eval_batches(data, batch_size, d.rank, d.world):
+    for i, (batch, keep) in enumerate(eval_batches(data, batch_size, d.rank, d.world)):
         batch = {k: v.to(device) for k, v in batch.items()}
+        if i == 0:
+            io.check_batch(batch)
+            task.check_batch(batch)
         if keep is None:
             keep = torch.ones(len(next(iter(batch.values()))), dtype=torch.bool)
-        for view, zero in views.items():
-            b = {k: torch.zeros_like(v) if k in zero else v for k, v in batch.items()}
+        for view, fn in views.items():
+            b = batch if fn is None else fn(batch)
             out = io.call(model, b)
             task.update(sums[view], io.logits(out), b, keep=keep, out=out)
     model.train(was)
