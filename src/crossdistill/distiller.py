@@ -25,6 +25,7 @@ from .adapters import ModelIO, select
 from .context import FIELDS as CONTEXT_FIELDS
 from .context import LOSS_CONTEXT, Context, at_dims, masked_mean
 from .errors import ConfigError, describe
+from .prepare import TEACHER_PREFIX
 from .registry import LOSSES
 from .signals import STORE_ONLY
 from .taps import LOGITS, OUTPUT, Capture, Tap, resolve
@@ -271,6 +272,7 @@ class Distiller(nn.Module):
         self.hooks = list(hooks)
         self.prepare = nn.ModuleList([_prepare_stage(p) for p in prepare])
         self._has_prepare = len(self.prepare) > 0
+        self._student_only = any(getattr(p, "student_only", False) for p in self.prepare)
         self._calls = 0  # forwards since the last set_progress (gradient accumulation)
         self.structure_log: list[dict] = []
         self.structure_changed = False
@@ -525,7 +527,12 @@ class Distiller(nn.Module):
     @torch.no_grad()
     def teacher_signals(self, batch, check: bool = False) -> dict[tuple[str, str], torch.Tensor]:
         """Every teacher tap's value for ``batch``, keyed ``(teacher name, tap)``: run online
-        (frozen, no grad) through its adapter, or looked up by ``batch["idx"]`` in a store."""
+        (frozen, no grad) through its adapter, or looked up by ``batch["idx"]`` in a store.
+        Inputs a ``student_only`` prepare stage changed reach the teachers unchanged."""
+        if self._student_only:
+            n = len(TEACHER_PREFIX)
+            kept = {k[n:]: v for k, v in batch.items() if k.startswith(TEACHER_PREFIX)}
+            batch = {**batch, **kept} if kept else batch
         out = {}
         for name, store, needed, model in self._t_plan:
             if not needed:
@@ -652,7 +659,12 @@ class Distiller(nn.Module):
         for i, stage in enumerate(self.prepare):
             seed = ((self.seed * 1_000_003 + i) * 100_003 + self.step) * 101 + self._calls
             gen = torch.Generator(dev).manual_seed(seed % (2**63))
+            before = dict(batch) if getattr(stage, "student_only", False) else None
             batch = stage(batch, PrepareState(self, gen))
+            if before is not None:  # the teachers keep what this stage changed
+                for k, v in before.items():
+                    if batch.get(k) is not v and TEACHER_PREFIX + k not in batch:
+                        batch[TEACHER_PREFIX + k] = v
         self._calls += 1
         return batch
 

@@ -7,6 +7,11 @@ student and teachers, e.g. for on-policy rollouts). A stage that keeps state acr
 (a replay buffer) is an ``nn.Module`` whose ``get_extra_state``/``set_extra_state`` carry it,
 so it is checkpointed with the run. Stages are given as instances, names or
 ``{"name": ..., **params}``.
+
+A stage whose ``student_only`` is true changes what the *student* sees only: the teachers
+read the keys it changed as they were before it (a complete multimodal teacher beside a
+student trained with modality dropout, MMANet's setting). The originals travel in the batch
+under ``TEACHER_PREFIX + key``, so a window prepared ahead of its forwards stays correct.
 """
 
 from __future__ import annotations
@@ -19,9 +24,13 @@ from torch import nn
 from .errors import ConfigError
 from .registry import PREPARES
 
+TEACHER_PREFIX = "teacher_input__"  # batch key prefix: a teacher's copy of a changed input
+
 
 class Stage(nn.Module):
     """Base class: registered stages are modules so their state rides in checkpoints."""
+
+    student_only = False  # True: the teachers see the keys this stage changes unchanged
 
     def forward(self, batch: dict, state) -> dict:  # pragma: no cover - interface
         raise NotImplementedError
@@ -55,15 +64,20 @@ class _Fn(Stage):
 @PREPARES.register("modality_dropout", description="zero whole inputs per sample at a rate")
 class ModalityDropout(Stage):
     """Per sample, zero each listed key with probability ``rate`` (never all of them), and
-    write a presence mask ``present_<key>`` (1 = kept): training for missing modalities."""
+    write a presence mask ``present_<key>`` (1 = kept): training for missing modalities.
+    ``teacher="complete"`` keeps the teachers on the complete inputs (``student_only``);
+    the default ``"dropped"`` gives them the same dropped inputs as the student."""
 
-    def __init__(self, keys: list[str], rate: float = 0.3):
+    def __init__(self, keys: list[str], rate: float = 0.3, teacher: str = "dropped"):
         super().__init__()
         if not 0.0 <= float(rate) <= 1.0:
             raise ConfigError("prepare.rate", rate, "a probability in [0, 1]")
         if not keys:
             raise ConfigError("prepare.keys", keys, "one or more batch keys")
+        if teacher not in ("dropped", "complete"):
+            raise ConfigError("prepare.teacher", teacher, "dropped or complete")
         self.keys, self.rate = list(keys), float(rate)
+        self.student_only = teacher == "complete"
 
     def forward(self, batch, state):
         missing = [k for k in self.keys if k not in batch]
