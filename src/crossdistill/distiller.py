@@ -48,8 +48,9 @@ class Term:
     :class:`Tap`, or a list of them for multi-level losses); ``teacher=None`` for label-only
     losses such as ``ce``. ``projector`` is a registered projector name, ``"auto"``, or a
     factory ``(s_shape, t_shape, **projector_params) -> nn.Module`` (methods' own heads).
-    ``weight`` defaults to the loss's recommended weight; ``warmup`` ramps it linearly from 0
-    over that many epochs (DKD). ``teacher_model`` picks one of several named teachers.
+    ``weight`` defaults to the loss's recommended weight; ``begin`` keeps it at 0 until that
+    epoch; ``warmup`` then ramps it linearly from 0 over that many epochs (DKD).
+    ``teacher_model`` picks one of several named teachers.
     Remaining keyword arguments are the loss's hyper-parameters.
     """
 
@@ -62,6 +63,7 @@ class Term:
         projector: str | Callable[..., nn.Module] | None = None,
         weight: float | None = None,
         warmup: float = 0.0,
+        begin: float = 0.0,
         name: str | None = None,
         teacher_model: str | None = None,
         projector_params: dict | None = None,
@@ -84,6 +86,9 @@ class Term:
         if warmup < 0:
             raise ConfigError(f"terms.{loss}.warmup", warmup, "must be >= 0 epochs")
         self.warmup = float(warmup)
+        if begin < 0:
+            raise ConfigError(f"terms.{loss}.begin", begin, "must be >= 0 epochs")
+        self.begin = float(begin)
         self.teacher_model = teacher_model
         self.params = params
         self.name = name or loss
@@ -121,9 +126,11 @@ class Term:
             )
 
     def weight_at(self, epoch: float) -> float:
+        if epoch < self.begin:  # off until then (MMANet's begin_epoch), then the warm-up
+            return 0.0
         if self.warmup <= 0:
             return self.weight
-        return self.weight * min(1.0, epoch / self.warmup)
+        return self.weight * min(1.0, (epoch - self.begin) / self.warmup)
 
     def reduce(self, value: torch.Tensor, ctx: Context) -> torch.Tensor:
         """Per-position values -> the term's scalar: the mean over the context's mask, and for
@@ -762,6 +769,15 @@ class Distiller(nn.Module):
                 f"must match this distiller (first missing: {missing[:3]}, "
                 f"unexpected: {unexpected[:3]})",
             )
+
+    def close(self) -> None:
+        """Remove the tap hooks this distiller installed on the student and the teachers (a
+        finished stage handing its models on to the next one); it cannot run afterwards."""
+        self._s_cap.remove()
+        for cap in self._t_caps.values():
+            if isinstance(cap, Capture):
+                cap.remove()
+        self.built = False
 
     def clean_student(self) -> nn.Module:
         """A deep copy of the student with no hooks, projectors or teacher attached."""

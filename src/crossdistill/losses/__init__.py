@@ -39,3 +39,4 @@ __all__ = [
 ]
 from . import crosstok  # noqa: E402,F401  (registers uld, uld_hybrid, mined, alm)
 from .hetero import CrossAttentionProjector, HFDLoss, TAIDLoss, bsd, dct_mse, dml, ofa, pld  # noqa: E402,F401
+from . import crossmodal  # noqa: E402,F401  (registers mad, mar, mst)

@@ -73,3 +73,4 @@ from . import classic  # noqa: E402,F401  (registers)
 
 __all__ = ["METHODS", "Recipe", "build", "embedding_tap", "stage_tap"]
 from . import collaborative, ofa, pld, scalekd, taid  # noqa: E402,F401  (registers)
+from . import mmanet, mst  # noqa: E402,F401  (registers mmanet, mst)

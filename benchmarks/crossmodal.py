@@ -1,0 +1,666 @@
+"""Cross-modal and multi-modal KD benchmark on paired image + audio (issue 13).
+
+Blocks (each a set of cells, one row per method, 3 seeds; the checkpoint of every run is
+chosen on the validation split and the test split is read once at the end):
+
+- ``image``: an image-only CNN student on audio-visual digits (MNIST image + an FSDD
+  recording of the same digit; test speakers unseen) taught by a late-fusion teacher that
+  sees and hears the digit: CE, KD, FitNet, CRD, MST-Distill, and CroDiNo-KD (no teacher:
+  an image and an audio network co-trained; its image network is the row).
+- ``missing``: multimodal students trained with modality dropout and scored with both
+  modalities, the image only, the audio only and a seeded 50 % per-sample mask: CE, KD (the
+  complete-input teacher), SP and MAD on the fused embedding, MMANet (MAD + MAR), and
+  Any2Seg's fusion without LSCD / with plain feature KD / with LSCD from encoders aligned
+  to all-MiniLM-L6-v2 anchors.
+- ``mrdd``: MRDD's representation (MNIST + its Sobel edges as two views), linear-probe
+  test accuracy at mask ratio 0.7 vs 0.3 and with dim c < dim v vs dim c > dim v.
+- ``bida``: MNIST (labelled) -> sklearn digits at 28x28 (unlabelled): source only, MMD
+  only, BiDA without and with its bi-directional distillation; target test accuracy.
+- ``libs``: strings of 2-4 spoken digits against the digits' images read as column frames:
+  the audio teacher's frame/context/sequence-level knowledge into the visual student; digit
+  error rate (edit distance / length) on the unseen test speaker.
+
+Noise: the image and missing blocks' students are also scored on the noisy test set (audio
+at 10 dB SNR, 25 % of each image occluded, seeded). Teachers are trained inside the run
+(seed 0) and cached by config hash. Each claim is judged only where the baseline's
+validation metric plateaued (range over the last 20 % of epochs within 0.5 points; reported
+per cell). Output: a table per block, benchmarks/results/crossmodal.json and
+docs/results/crossmodal.md.
+
+    nice -n 10 python benchmarks/crossmodal.py               # full (< 60 min, 2 workers)
+    python benchmarks/crossmodal.py --quick                  # < 5 min smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from hetero import _pool, cache_key  # noqa: E402  (the benchmarks' shared helpers)
+
+import crossdistill as cd  # noqa: E402
+from crossdistill.io import load_weights, save_weights  # noqa: E402
+from crossdistill.report import aggregate, format_table, pm  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE_VERSION = 1
+PLATEAU_POINTS = 0.5  # the baseline's val metric range over its last 20 % of epochs (points)
+
+FULL = dict(
+    seeds=3,
+    av_limit={"train": 3000, "val": 1000, "test": 1000},
+    batch_size=64,
+    lr=3e-3,
+    teacher_epochs=12,
+    epochs=12,
+    mst_epochs=(4, 2, 8),  # stage 1 + stage 3 = the baselines' 12 student epochs
+    rate=0.5,
+    noise={"audio_snr_db": 10.0, "occlusion": 0.25, "seed": 0},
+    mrdd=dict(epochs=6, n_train=3000),
+    bida=dict(epochs=12),
+    libs=dict(epochs=12, teacher_epochs=12),
+)
+QUICK = dict(
+    seeds=1,
+    av_limit={"train": 300, "val": 200, "test": 200},
+    batch_size=64,
+    lr=3e-3,
+    teacher_epochs=2,
+    epochs=2,
+    mst_epochs=(1, 1, 2),
+    rate=0.5,
+    noise={"audio_snr_db": 10.0, "occlusion": 0.25, "seed": 0},
+    mrdd=dict(epochs=1, n_train=300),
+    bida=dict(epochs=2),
+    libs=dict(epochs=2, teacher_epochs=2),
+)
+
+BLOCKS = {
+    "image": ["ce", "kd", "fitnet", "crd", "mst", "crodino"],
+    "missing": ["ce", "kd", "sp", "mad", "mmanet", "a2s-none", "a2s-feature", "a2s-lscd"],
+    "mrdd": ["mask0.7", "mask0.3", "c5-v10", "c20-v10"],
+    "bida": ["source", "mmd", "bida-nodistill", "bida"],
+    "libs": ["ce", "frame+seq", "all", "all-nolcs"],
+}
+BASELINE = {"image": "ce", "missing": "ce", "bida": "source", "libs": "ce"}
+METRIC = {  # per block: the test metric, its direction, its scale in the tables
+    "image": ("test_acc", "max", 100.0),
+    "missing": ("test_acc", "max", 100.0),
+    "mrdd": ("test_acc", "max", 100.0),
+    "bida": ("test_acc", "max", 100.0),
+    "libs": ("test_cer", "min", 100.0),
+}
+VIEWS = ["image_only", "audio_only", "random50"]
+
+
+# -- data and models ----------------------------------------------------------------------------
+_DATA: dict = {}
+
+
+def av_data(P: dict, noisy: bool = False):
+    """(train, val, test) audio-visual digits at the profile's sizes (noisy: the test split's
+    corrupted copy only)."""
+    key = ("av", noisy, json.dumps(P["av_limit"]))
+    if key not in _DATA:
+        params = {"limit": P["av_limit"]}
+        if noisy:
+            params["noise"] = P["noise"]
+            _DATA[key] = cd.data.load_split("av", "test", **params)
+        else:
+            splits = ("train", "val", "test")
+            _DATA[key] = tuple(cd.data.load_split("av", s, **params) for s in splits)
+    return _DATA[key]
+
+
+def image_cnn(seed: int):
+    torch.manual_seed(seed)
+    return cd.models.create("cnn", num_classes=10, in_channels=1, img_size=28,
+                            channels=(16, 32, 32))
+
+
+def audio_net(seed: int):
+    torch.manual_seed(seed)
+    return cd.models.create("audio-cnn", num_classes=10, img_size=(40, 48), channels=(32, 64))
+
+
+def fusion_net(seed: int, width: int = 16):
+    torch.manual_seed(seed)
+    return cd.models.create("fusion", num_classes=10, width=width, audio_size=(40, 48))
+
+
+def train_kw(P: dict, epochs: int, seed: int) -> dict:
+    return dict(epochs=epochs, batch_size=P["batch_size"], lr=P["lr"], optimizer="adamw",
+                weight_decay=0.0, schedule="cosine", progress=False, seed=seed)
+
+
+def curve(trainer) -> list[float]:
+    return [float(r["val_acc"]) for r in trainer.log.rows if "val_acc" in r]
+
+
+def fusion_teacher(P: dict, cache: Path, train: bool = True):
+    """The late-fusion teacher (image + audio, complete inputs, CE, seed 0), cached."""
+    cfg = dict(kind="fusion-teacher", P={k: P[k] for k in ("av_limit", "teacher_epochs",
+                                                           "batch_size", "lr")},
+               v=CACHE_VERSION)
+    path = cache / f"crossmodal-teacher-{cache_key(cfg)}.safetensors"
+    model = fusion_net(0)
+    if path.exists():
+        model.load_state_dict(load_weights(path))
+        return model, json.loads(path.with_suffix(".json").read_text())
+    if not train:
+        return None, None
+    tr, va, te = av_data(P)
+    task = {"name": "classification", "inputs": ["image", "audio"],
+            "missing": ["image_only", "audio_only"]}
+    d = cd.Distiller(model, None, [cd.Term("ce")], task=task)
+    t = cd.Trainer(d, tr, va, te, **train_kw(P, P["teacher_epochs"], 0))
+    res = t.fit()
+    meta = {"val_acc": res["best_val_acc"], "test_acc": res["test_acc"],
+            "image_only_test_acc": res.get("test_image_only_acc"),
+            "audio_only_test_acc": res.get("test_audio_only_acc"),
+            "seconds": res["train_seconds"], "epochs": P["teacher_epochs"]}
+    cache.mkdir(parents=True, exist_ok=True)
+    save_weights(model.state_dict(), path)
+    path.with_suffix(".json").write_text(json.dumps(meta))
+    return model, meta
+
+
+def noisy_acc(model, P, io) -> float:
+    return cd.evaluate(model, av_data(P, noisy=True), io=io)["acc"]
+
+
+# -- the image block ------------------------------------------------------------------------------
+def run_image(method: str, seed: int, P: dict, cache: Path) -> dict:
+    from crossdistill.methods import build
+    from crossdistill.methods.collaborative import BestMembers
+    from crossdistill.methods.members import Members
+
+    tr, va, te = av_data(P)
+    kw = train_kw(P, P["epochs"], seed)
+    image_io = {"inputs": ["image"]}
+    if method == "mst":
+        from crossdistill.methods.mst import mst_distill
+
+        teacher = fusion_net(200 + seed)  # MST co-trains its own teacher and aux in stage 1
+        out = mst_distill(teacher, audio_net(300 + seed), image_cnn(100 + seed), tr, va, te,
+                          epochs=P["mst_epochs"], lr=P["lr"], batch_size=P["batch_size"],
+                          seed=seed, schedule="cosine")
+        res = out["results"]
+        return dict(test_acc=res["test_acc"], val_acc=res["best_val_acc"],
+                    best_epoch=res["best_epoch"], val_curve=res.get("val_curve", []),
+                    noisy_test_acc=noisy_acc(out["student"], P, image_io),
+                    routes=res.get("routes"))
+    if method == "crodino":
+        group = Members({"image": image_cnn(100 + seed), "audio": audio_net(300 + seed)},
+                        reads={"image": "image", "audio": "audio"})
+        recipe = build("crodino", group, None)
+        d = cd.Distiller(group, None, recipe.terms, io=group.io(), hooks=recipe.hooks, seed=seed)
+        keep = BestMembers(group, va)
+        t = cd.Trainer(d, tr, va, callbacks=[keep], **kw)
+        t.fit()
+        best = keep.restore()
+        student = group["image"]
+        test = cd.evaluate(student, te, io=image_io)["acc"]
+        return dict(test_acc=test, val_acc=best["image"][0], best_epoch=best["image"][1],
+                    val_curve=curve(t), noisy_test_acc=noisy_acc(student, P, image_io),
+                    peer_test_acc=cd.evaluate(group["audio"], te, io={"inputs": ["audio"]})["acc"])
+    student = image_cnn(100 + seed)
+    teacher = None
+    if method != "ce":
+        teacher = fusion_teacher(P, cache, train=False)[0]
+    params = {"crd": {"num_negatives": min(2048, len(tr) - 1)},
+              "fitnet": {"student_tap": "fc:input", "teacher_tap": "fc:input",
+                         "projector": "auto", "weight": 1.0}}.get(method, {})
+    recipe = build(method, student, teacher, **params) if method != "ce" else None
+    terms = recipe.terms if recipe else [cd.Term("ce")]
+    d = cd.Distiller(student, teacher, terms, io=image_io,
+                     teacher_io={"inputs": ["image", "audio"]} if teacher else None,
+                     hooks=recipe.hooks if recipe else (), num_samples=int(tr.idx.max()) + 1,
+                     seed=seed)
+    t = cd.Trainer(d, tr, va, te, **kw)
+    res = t.fit()
+    return dict(test_acc=res["test_acc"], val_acc=res["best_val_acc"],
+                best_epoch=res["best_epoch"], val_curve=curve(t),
+                noisy_test_acc=noisy_acc(student, P, image_io))
+
+
+# -- the missing-modality block -------------------------------------------------------------------
+MISSING_TASK = {"name": "classification", "inputs": ["image", "audio"],
+                "missing": ["image_only", "audio_only", "random@0.5"]}
+
+
+def _view_metrics(res: dict) -> dict:
+    return {v: res.get(f"test_{v}_acc") for v in VIEWS}
+
+
+def run_missing(method: str, seed: int, P: dict, cache: Path) -> dict:
+    tr, va, te = av_data(P)
+    kw = train_kw(P, P["epochs"], seed)
+    io = {"inputs": ["image", "audio"]}
+    if method.startswith("a2s-"):
+        return run_any2seg(method.removeprefix("a2s-"), seed, P, cache)
+    from crossdistill.methods import build
+
+    student = fusion_net(100 + seed)
+    teacher = None if method == "ce" else fusion_teacher(P, cache, train=False)[0]
+    if method == "mmanet":
+        from crossdistill.methods.mmanet import mine_weak
+
+        weak = mine_weak(teacher, va, modalities=["image", "audio"])
+        recipe = build("mmanet", student, teacher, weak=weak)
+    elif method in ("sp", "mad"):
+        recipe = build("mmanet", student, teacher, relation=method, mar_weight=0.0)
+    elif method == "kd":
+        recipe = build("kd", student, teacher)
+    else:
+        recipe = None
+    terms = recipe.terms if recipe else [cd.Term("ce")]
+    d = cd.Distiller(student, teacher, terms, io=io, teacher_io=io if teacher else None,
+                     hooks=recipe.hooks if recipe else (), task=MISSING_TASK, seed=seed,
+                     prepare=[{"name": "modality_dropout", "keys": ["image", "audio"],
+                               "rate": P["rate"], "teacher": "complete"}])
+    t = cd.Trainer(d, tr, va, te, **kw)
+    res = t.fit()
+    return dict(test_acc=res["test_acc"], val_acc=res["best_val_acc"],
+                best_epoch=res["best_epoch"], val_curve=curve(t), **_view_metrics(res),
+                noisy_test_acc=noisy_acc(student, P, io))
+
+
+def any2seg_teacher(P: dict, cache: Path, train: bool = True):
+    """Frozen per-modality encoders aligned CLIP-style to the MiniLM class anchors (seed 0)."""
+    from crossdistill.methods.any2seg import teacher_encoders
+
+    cfg = dict(kind="any2seg-teacher", P={k: P[k] for k in ("av_limit", "teacher_epochs",
+                                                           "batch_size", "lr")},
+               v=CACHE_VERSION)
+    path = cache / f"crossmodal-a2s-teacher-{cache_key(cfg)}.safetensors"
+    group = teacher_encoders({"image": image_cnn(0), "audio": audio_net(0)})
+    if path.exists():
+        group.load_state_dict(load_weights(path))
+        return group, json.loads(path.with_suffix(".json").read_text())
+    if not train:
+        return None, None
+    tr, va, te = av_data(P)
+    terms = [cd.Term("ce", student=m, name=f"ce_{m}") for m in group.names]
+    from crossdistill.methods.collaborative import BestMembers
+
+    d = cd.Distiller(group, None, terms, io=group.io())
+    keep = BestMembers(group, va)
+    cd.Trainer(d, tr, va, callbacks=[keep], **train_kw(P, P["teacher_epochs"], 0)).fit()
+    best = keep.restore()
+    meta = {f"{m}_val_acc": best[m][0] for m in group.names}
+    meta.update({f"{m}_test_acc": cd.evaluate(group[m], te, io=group.member_io(m))["acc"]
+                 for m in group.names})
+    cache.mkdir(parents=True, exist_ok=True)
+    save_weights(group.state_dict(), path)
+    path.with_suffix(".json").write_text(json.dumps(meta))
+    return group, meta
+
+
+def run_any2seg(distill: str, seed: int, P: dict, cache: Path) -> dict:
+    from crossdistill.methods import build
+    from crossdistill.methods.any2seg import Any2SegFusion
+
+    tr, va, te = av_data(P)
+    torch.manual_seed(100 + seed)
+    student = Any2SegFusion({"image": image_cnn(100 + seed), "audio": audio_net(300 + seed)},
+                            num_classes=10, dim=384)
+    teacher = None if distill == "none" else any2seg_teacher(P, cache, train=False)[0]
+    recipe = build("any2seg", student, teacher, distill=distill)
+    io = student.io()
+    d = cd.Distiller(student, teacher, recipe.terms, io=io,
+                     teacher_io=teacher.io() if teacher is not None else None,
+                     hooks=recipe.hooks, task=MISSING_TASK, seed=seed,
+                     prepare=[{"name": "modality_dropout", "keys": ["image", "audio"],
+                               "rate": P["rate"], "teacher": "complete"}])
+    t = cd.Trainer(d, tr, va, te, **train_kw(P, P["epochs"], seed))
+    res = t.fit()
+    return dict(test_acc=res["test_acc"], val_acc=res["best_val_acc"],
+                best_epoch=res["best_epoch"], val_curve=curve(t), **_view_metrics(res),
+                noisy_test_acc=noisy_acc(student, P, io))
+
+
+# -- MRDD, BiDA, LIBS -----------------------------------------------------------------------------
+MRDD_CELLS = {  # method -> (mask ratio, c_dim, v_dim)
+    "mask0.7": (0.7, 10, 10),
+    "mask0.3": (0.3, 10, 10),
+    "c5-v10": (0.7, 5, 10),
+    "c20-v10": (0.7, 20, 10),
+}
+
+
+def run_mrdd(method: str, seed: int, P: dict, cache: Path) -> dict:
+    raise NotImplementedError("filled in when the MRDD runner lands")
+
+
+def run_bida(method: str, seed: int, P: dict, cache: Path) -> dict:
+    raise NotImplementedError("filled in when the BiDA runner lands")
+
+
+def run_libs(method: str, seed: int, P: dict, cache: Path) -> dict:
+    raise NotImplementedError("filled in when the LIBS runner lands")
+
+
+RUNNERS = {"image": run_image, "missing": run_missing, "mrdd": run_mrdd, "bida": run_bida,
+           "libs": run_libs}
+TEACHERS = {"image": ["fusion"], "missing": ["fusion", "any2seg"], "libs": ["libs"]}
+
+
+def train_teacher(name: str, P: dict, cache: Path) -> dict:
+    if name == "fusion":
+        return fusion_teacher(P, cache)[1]
+    if name == "any2seg":
+        return any2seg_teacher(P, cache)[1]
+    if name == "libs":
+        return libs_teacher(P, cache)[1]
+    raise KeyError(name)
+
+
+def libs_teacher(P: dict, cache: Path, train: bool = True):
+    raise NotImplementedError("filled in when the LIBS runner lands")
+
+
+# -- workers --------------------------------------------------------------------------------------
+def _quiet() -> None:
+    os.environ["CROSSDISTILL_QUIET"] = "1"
+
+
+def _work(item):
+    kind, payload, P, cache, deadline = item
+    _quiet()
+    torch.set_num_threads(1)
+    if kind == "teacher":
+        t0 = time.time()
+        meta = train_teacher(payload, P, Path(cache))
+        return ("teacher", payload), {**(meta or {}), "wall_seconds": time.time() - t0}
+    block, method, seed = payload
+    if deadline and time.time() > deadline:
+        return payload, None
+    t0 = time.time()
+    try:
+        row = RUNNERS[block](method, seed, P, Path(cache))
+    except Exception as err:  # one broken method must not sink the benchmark
+        import traceback
+
+        row = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(-4)}
+    row.update(block=block, method=method, seed=seed, seconds=time.time() - t0)
+    return payload, row
+
+
+# -- summaries ------------------------------------------------------------------------------------
+def stats(rows: list[dict]) -> list[dict]:
+    metrics = ["test_acc", "test_cer", "noisy_test_acc", "seconds", *VIEWS, "peer_test_acc"]
+    return aggregate([r for r in rows if "error" not in r], by=["block", "method"],
+                     metrics=metrics)
+
+
+def lookup(st, block, method, metric=None):
+    metric = metric or METRIC[block][0]
+    for r in st:
+        if (r["block"], r["method"]) == (block, method) and r.get(metric) is not None:
+            return r[metric], r.get(f"{metric}_std", 0.0), r["n"]
+    return None
+
+
+def plateau(rows: list[dict]) -> list[dict]:
+    """Per block with a supervised baseline: the range of its val metric (points) over the
+    last ceil(20 %) of epochs and the epoch before, worst seed."""
+    out = []
+    for block, method in BASELINE.items():
+        curves = [r["val_curve"] for r in rows
+                  if (r["block"], r["method"]) == (block, method) and r.get("val_curve")]
+        if not curves:
+            continue
+        k = max(1, math.ceil(0.2 * len(curves[0])))
+        ranges = [100 * (max(c[-k - 1:]) - min(c[-k - 1:])) for c in curves if len(c) > k]
+        if not ranges:
+            continue
+        out.append(dict(block=block, method=method, epochs=len(curves[0]),
+                        range_points=max(ranges), plateaued=max(ranges) <= PLATEAU_POINTS))
+    return out
+
+
+def _cmp(st, block, a, b, metric=None, higher=True):
+    """(gain of a over b in points, clear of the seeds' spread), or None."""
+    x, y = lookup(st, block, a, metric), lookup(st, block, b, metric)
+    if x is None or y is None:
+        return None
+    gain = 100 * ((x[0] - y[0]) if higher else (y[0] - x[0]))
+    spread = 100 * math.hypot(x[1], y[1])
+    return gain, (None if min(x[2], y[2]) < 2 else abs(gain) > spread)
+
+
+def _verdict(results) -> str:
+    results = [r for r in results if r is not None]
+    if not results:
+        return "not run"
+    wins = sum(g > 0 for g, _ in results)
+    if wins == len(results):
+        clear = all(c for _, c in results)
+        return "held" if clear else "held (within seed spread)"
+    if wins == 0:
+        return "did not hold"
+    return f"held in {wins} of {len(results)} comparisons"
+
+
+def _ev(results, names) -> list[str]:
+    return [f"{n}: {g:+.2f} points" for n, r in zip(names, results) if r is not None
+            for g, _ in [r]]
+
+
+def claims(st, plat) -> list[dict]:
+    ok = {p["block"]: p["plateaued"] for p in plat}
+    out = []
+
+    def claim(name, block, pairs, text, metric=None, higher=True):
+        res = [_cmp(st, block, a, b, metric, higher) for a, b in pairs]
+        verdict = _verdict(res)
+        if block in BASELINE and not ok.get(block, False) and verdict != "not run":
+            verdict = f"not judged (baseline not plateaued; measured: {verdict})"
+        out.append(dict(method=name, claim=text, verdict=verdict,
+                        evidence=_ev(res, [f"{a} vs {b}" + (f" ({metric})" if metric else "")
+                                           for a, b in pairs])))
+
+    claim("MST-Distill", "image", [("mst", m) for m in ("kd", "fitnet", "crd")],
+          "MST-Distill > KD, FitNet and CRD for the image student")
+    claim("MMANet (MAD)", "missing", [("mad", "sp")], "MAD > SP on the same features")
+    res = [_cmp(st, "missing", "mmanet", "ce", v) for v in VIEWS]
+    verdict = _verdict(res)
+    out.append(dict(
+        method="MMANet (missing)",
+        claim="the MMANet student degrades less with a missing modality (accuracy under image "
+        "only / audio only / 50 % random, vs CE + dropout)",
+        verdict=verdict if ok.get("missing") else f"not judged (baseline not plateaued; "
+        f"measured: {verdict})",
+        evidence=_ev(res, VIEWS),
+    ))
+    claim("CroDiNo-KD", "image", [("crodino", "kd"), ("crodino", "fitnet")],
+          "co-trained unimodal image net > teacher-student cross-modal KD (KD, FitNet)")
+    res = [_cmp(st, "missing", "a2s-lscd", "a2s-none", v) for v in VIEWS]
+    out.append(dict(method="Any2Seg", claim="LSCD: smaller drop with missing modalities than "
+                    "fusion without it", verdict=_verdict(res), evidence=_ev(res, VIEWS)))
+    claim("Any2Seg (vs feature KD)", "missing", [("a2s-lscd", "a2s-feature")],
+          "correlation distillation > plain feature KD")
+    claim("MRDD (mask)", "mrdd", [("mask0.7", "mask0.3")], "mask 0.7 > 0.3 (probe on c)")
+    claim("MRDD (dims)", "mrdd", [("c5-v10", "c20-v10")], "dim c < dim v beats dim c > dim v")
+    claim("BiDA", "bida", [("bida", "bida-nodistill"), ("bida", "mmd")],
+          "with bi-directional distillation > without, and > source + MMD (target accuracy)")
+    claim("LIBS", "libs", [("frame+seq", "ce"), ("all", "ce"), ("all", "all-nolcs")],
+          "frame + sequence KD lowers the digit error rate over CE; LCS filtering helps",
+          metric="test_cer", higher=False)
+    return out
+
+
+def tables(st, P) -> str:
+    parts = []
+    for block, methods in BLOCKS.items():
+        metric, _, scale = METRIC[block]
+        head = ["method", metric.replace("test_", "test ")]
+        if block in ("image", "missing"):
+            head += ["noisy test"]
+        if block == "missing":
+            head += [v.replace("_", " ") for v in VIEWS]
+        body = []
+        for m in methods:
+            r = lookup(st, block, m)
+            if r is None:
+                continue
+            line = [m, pm(r[0], r[1], scale) + (f" (n={r[2]})" if r[2] != P["seeds"] else "")]
+            if block in ("image", "missing"):
+                x = lookup(st, block, m, "noisy_test_acc")
+                line.append(pm(x[0], x[1]) if x else "-")
+            if block == "missing":
+                for v in VIEWS:
+                    x = lookup(st, block, m, v)
+                    line.append(pm(x[0], x[1]) if x else "-")
+            body.append(line)
+        if body:
+            parts.append(f"{block}\n" + format_table(head, body))
+    return "\n\n".join(parts)
+
+
+def markdown(res: dict) -> str:
+    cfg = res["config"]
+    lines = [
+        "# Cross-modal and multi-modal KD benchmark",
+        "",
+        "Generated by `benchmarks/crossmodal.py`"
+        + (" **--quick (smoke run: not a result)**" if cfg["quick"] else "")
+        + f". Wall time {res['wall_seconds'] / 60:.1f} min, {cfg['workers']} worker(s) x "
+        f"{cfg['threads']} thread(s); mean +- std over {cfg['seeds']} seed(s); checkpoints "
+        "chosen on val, test read once. Accuracy and error rates in %.",
+        "",
+        "```",
+        res["table"],
+        "```",
+        "",
+        "## Baseline plateau (val accuracy range over the last 20 % of epochs, worst seed)",
+        "",
+        "| block | baseline | epochs | range (points) | plateaued |",
+        "|---|---|---|---|---|",
+    ]
+    for p in res["plateau"]:
+        lines.append(f"| {p['block']} | {p['method']} | {p['epochs']} | "
+                     f"{p['range_points']:.2f} | {p['plateaued']} |")
+    lines += ["", "## Claims", "", "| method | claim | verdict | evidence |", "|---|---|---|---|"]
+    for c in res["claims"]:
+        lines.append(f"| {c['method']} | {c['claim']} | {c['verdict']} | "
+                     f"{'; '.join(c['evidence'])} |")
+    lines += ["", "## Teachers", ""]
+    for name, meta in res["teachers"].items():
+        shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in meta.items()}
+        lines.append(f"- {name}: {shown}")
+    for r in res.get("failed", []):
+        lines.append(f"- FAILED {r['block']}/{r['method']} seed {r['seed']}: {r['error']}")
+    return "\n".join(lines) + "\n"
+
+
+# -- main -----------------------------------------------------------------------------------------
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny sizes, 1 seed (< 5 min)")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seeds", type=int, default=None)
+    ap.add_argument("--blocks", nargs="+", default=list(BLOCKS), choices=list(BLOCKS))
+    ap.add_argument("--cache", default=str(ROOT / "runs/cache"))
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--md", default=None)
+    ap.add_argument("--max-minutes", type=float, default=None)
+    ap.add_argument("--fresh", action="store_true")
+    args = ap.parse_args(argv)
+    P = copy.deepcopy(QUICK if args.quick else FULL)
+    P["seeds"] = args.seeds or P["seeds"]
+    sub = "runs/crossmodal-quick" if args.quick else None
+    args.out = args.out or str(ROOT / (f"{sub}/crossmodal.json" if sub
+                                       else "benchmarks/results/crossmodal.json"))
+    args.md = args.md or str(ROOT / (f"{sub}/crossmodal.md" if sub
+                                     else "docs/results/crossmodal.md"))
+    torch.set_num_threads(args.threads)
+    _quiet()
+    cache = Path(args.cache).resolve()
+    t_start = time.time()
+    deadline = t_start + 60 * args.max_minutes if args.max_minutes else None
+    jobs = [(b, m, s) for s in range(P["seeds"]) for b in args.blocks for m in BLOCKS[b]]
+    key = cache_key({"P": P, "v": CACHE_VERSION})
+    partial = cache.parent / "crossmodal" / f"{Path(args.out).stem}-{key}.partial.jsonl"
+    done = {}
+    if partial.exists() and not args.fresh:
+        for line in partial.read_text().splitlines():
+            rec = json.loads(line)
+            done[tuple(rec["job"])] = rec["row"]
+    rows = [done[j] for j in jobs if j in done]
+    todo = [j for j in jobs if j not in done]
+    teachers = sorted({t for b in args.blocks for t in TEACHERS.get(b, [])})
+    print(f"{len(jobs)} runs ({len(todo)} to do), teachers: {', '.join(teachers)}", flush=True)
+    teacher_meta, failed, skipped = {}, [], []
+    bar = tqdm(total=len(todo), desc="crossmodal", dynamic_ncols=True, disable=None)
+    with _pool(args.workers, args.threads) as pmap:
+        needs = {j: any(t in TEACHERS.get(j[0], []) for t in teachers) for j in todo}
+        phases = [
+            [("teacher", t, P, str(cache), None) for t in teachers]
+            + [("run", j, P, str(cache), deadline) for j in todo if not needs[j]],
+            [("run", j, P, str(cache), deadline) for j in todo if needs[j]],
+        ]
+        for phase in phases:
+            for job, row in pmap(_work, phase):
+                if job[0] == "teacher":
+                    teacher_meta[job[1]] = row
+                    tqdm.write(f"teacher {job[1]}: {row}")
+                    continue
+                bar.update(1)
+                if row is None:
+                    skipped.append(job)
+                    continue
+                if "error" in row:
+                    failed.append(row)
+                    tqdm.write(f"{job} FAILED: {row['error']}")
+                    continue
+                rows.append(row)
+                partial.parent.mkdir(parents=True, exist_ok=True)
+                with partial.open("a") as f:
+                    f.write(json.dumps({"job": list(job), "row": row}) + "\n")
+                metric = METRIC[job[0]][0]
+                tqdm.write(f"{job[0]:>8} {job[1]:>14} seed {job[2]}: {metric} "
+                           f"{row.get(metric, float('nan')):.4f} ({row['seconds']:.0f} s)")
+    bar.close()
+    st = stats(rows)
+    plat = plateau(rows)
+    res = dict(
+        config=dict(quick=args.quick, workers=args.workers, threads=args.threads,
+                    seeds=P["seeds"], profile=P, blocks=args.blocks,
+                    torch=torch.__version__, python=platform.python_version()),
+        wall_seconds=time.time() - t_start,
+        sum_run_seconds=sum(r["seconds"] for r in rows),
+        teachers=teacher_meta,
+        cells=st,
+        plateau=plat,
+        claims=claims(st, plat),
+        table=tables(st, P),
+        failed=failed,
+        runs_planned=len(jobs),
+        runs_not_run=[list(j) for j in skipped],
+        runs=rows,
+    )
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(res, indent=1, default=str))
+    md = markdown(res)
+    Path(args.md).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.md).write_text(md)
+    print(md)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
