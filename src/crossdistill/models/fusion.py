@@ -25,22 +25,28 @@ from .cnn import conv_bn_relu
 from .mlp import check_common, check_positive, tag, to_hw
 
 
+def add_stages(module: nn.Module, in_channels: int, chans, hw: tuple[int, int]) -> int:
+    """``stage1..stageN`` on ``module``: conv-BN-ReLU, then a 2x2 max pool after every stage
+    but the last while the map allows; returns the last stage's channels."""
+    h, w = hw
+    prev = in_channels
+    for i, c in enumerate(chans, start=1):
+        layers = conv_bn_relu(prev, c)
+        if i < len(chans) and min(h, w) >= 2:
+            layers.append(nn.MaxPool2d(2))
+            h, w = h // 2, w // 2
+        module.add_module(f"stage{i}", nn.Sequential(*layers))
+        prev = c
+    return prev
+
+
 class Branch(nn.Module):
     """stage1, stage2 (conv-BN-ReLU + 2x2 max pool while the map allows), stage3 -> pool ->
     flatten -> proj (linear, no activation: fusion must stay linear up to the head)."""
 
     def __init__(self, in_channels: int, width: int, hw: tuple[int, int], dim: int):
         super().__init__()
-        h, w = hw
-        chans = (width, 2 * width, 4 * width)
-        prev = in_channels
-        for i, c in enumerate(chans, start=1):
-            layers = conv_bn_relu(prev, c)
-            if i < len(chans) and min(h, w) >= 2:
-                layers.append(nn.MaxPool2d(2))
-                h, w = h // 2, w // 2
-            self.add_module(f"stage{i}", nn.Sequential(*layers))
-            prev = c
+        prev = add_stages(self, in_channels, (width, 2 * width, 4 * width), hw)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.flatten = nn.Flatten()
         self.proj = nn.Linear(prev, dim)
@@ -158,16 +164,7 @@ class EarlyFusion(nn.Module):
         self.width = width
         self.image_stem = Stem(in_channels, width, grid)
         self.audio_stem = Stem(1, width, grid)
-        h, w = grid
-        prev = 2 * width
-        chans = (2 * width, 4 * width, 4 * width)
-        for i, c in enumerate(chans, start=1):
-            layers = conv_bn_relu(prev, c)
-            if i < len(chans) and min(h, w) >= 2:
-                layers.append(nn.MaxPool2d(2))
-                h, w = h // 2, w // 2
-            self.add_module(f"stage{i}", nn.Sequential(*layers))
-            prev = c
+        prev = add_stages(self, 2 * width, (2 * width, 4 * width, 4 * width), grid)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.flatten = nn.Flatten()
         self.fc = nn.Linear(prev, num_classes)
