@@ -37,6 +37,6 @@ __all__ = [
     "topk",
     "tvd",
 ]
-from . import crosstok  # noqa: E402,F401  (registers uld, uld_hybrid, mined, alm)
+# registers the cross-tokenizer, cross-modal and disentangling losses
+from . import correlation, crossmodal, crosstok, disentangle  # noqa: E402,F401
 from .hetero import CrossAttentionProjector, HFDLoss, TAIDLoss, bsd, dct_mse, dml, ofa, pld  # noqa: E402,F401
-from . import crossmodal  # noqa: E402,F401  (registers mad, mar, mst)

@@ -72,5 +72,4 @@ def embedding_tap(model: nn.Module, field: str = "method") -> str:
 from . import classic  # noqa: E402,F401  (registers)
 
 __all__ = ["METHODS", "Recipe", "build", "embedding_tap", "stage_tap"]
-from . import collaborative, ofa, pld, scalekd, taid  # noqa: E402,F401  (registers)
-from . import mmanet, mst  # noqa: E402,F401  (registers mmanet, mst)
+from . import any2seg, collaborative, crodino, mmanet, mst, ofa, pld, scalekd, taid  # noqa: E402,F401
