@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all lint bench-speed bench-hetero bench-condense bench-regression bench-lm bench-lm-peers clean
+.PHONY: demo test test-all lint bench-speed bench-hetero bench-condense bench-regression bench-lm bench-lm-peers bench-crossmodal clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -42,6 +42,9 @@ bench-regression: $(STAMP)
 
 bench-lm: $(STAMP)
 	$(BIN)/python benchmarks/lm.py
+
+bench-crossmodal: $(STAMP)  # cross-modal and missing-modality KD (issue 13)
+	$(BIN)/python benchmarks/crossmodal.py
 
 bench-lm-peers: $(STAMP)  # TRL side by side (the optional peers extra)
 	$(BIN)/python -c "import trl" 2>/dev/null || $(BIN)/python -m pip install -q -e ".[peers]"

@@ -500,6 +500,8 @@ def markdown(res: dict) -> str:
         f"{cfg['threads']} thread(s); mean +- std over {cfg['seeds']} seed(s); checkpoints "
         "chosen on val, test read once. Accuracy and error rates in %.",
         "",
+        *([f"**Incomplete: {len(res['runs_not_run'])} of {res['runs_planned']} runs not run "
+           "(past --max-minutes; a rerun resumes them).**", ""] if res["runs_not_run"] else []),
         "```",
         res["table"],
         "```",
