@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from av_helpers import tiny_av as _av
 
 import crossdistill as cd
 from crossdistill import Distiller, Term, Trainer
-from crossdistill.data.dataset import Dataset
 from crossdistill.errors import ConfigError
 from crossdistill.losses.correlation import (
     LSCDLoss,
@@ -25,13 +25,6 @@ from crossdistill.methods import any2seg as A
 FAST = dict(batch_size=16, lr=3e-3, optimizer="adamw", progress=False)
 
 
-def _av(n, seed):
-    g = torch.Generator().manual_seed(seed)
-    y = torch.arange(n) % 4
-    image = torch.randn(n, 1, 8, 8, generator=g) + y.view(-1, 1, 1, 1).float()
-    audio = torch.randn(n, 1, 6, 10, generator=g) - y.view(-1, 1, 1, 1).float()
-    return Dataset({"image": image, "audio": audio, "y": y},
-                   {"image": "image", "audio": "audio", "y": "label"}, num_classes=4)
 
 
 def _encoders(seed):

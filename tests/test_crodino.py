@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from av_helpers import tiny_av as _av
 
 import crossdistill as cd
 from crossdistill import Distiller, Trainer
-from crossdistill.data.dataset import Dataset
 from crossdistill.errors import ConfigError
 from crossdistill.losses.disentangle import (
     CroDiNoLoss,
@@ -26,13 +26,6 @@ from crossdistill.methods.members import Members
 FAST = dict(batch_size=16, lr=3e-3, optimizer="adamw", progress=False)
 
 
-def _av(n, seed):
-    g = torch.Generator().manual_seed(seed)
-    y = torch.arange(n) % 4
-    image = torch.randn(n, 1, 8, 8, generator=g) + y.view(-1, 1, 1, 1).float()
-    audio = torch.randn(n, 1, 6, 10, generator=g) - y.view(-1, 1, 1, 1).float()
-    return Dataset({"image": image, "audio": audio, "y": y},
-                   {"image": "image", "audio": "audio", "y": "label"}, num_classes=4)
 
 
 def _group():

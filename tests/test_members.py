@@ -4,22 +4,13 @@ import math
 
 import pytest
 import torch
+from av_helpers import tiny_av as _av
 
 import crossdistill as cd
 from crossdistill import Distiller, Term, Trainer
-from crossdistill.data.dataset import Dataset
 from crossdistill.errors import ConfigError
 from crossdistill.methods.collaborative import BestMembers
 from crossdistill.methods.members import Members
-
-
-def _av(n, seed):
-    g = torch.Generator().manual_seed(seed)
-    y = torch.arange(n) % 4
-    image = torch.randn(n, 1, 8, 8, generator=g) + y.view(-1, 1, 1, 1).float()
-    audio = torch.randn(n, 1, 6, 10, generator=g) - y.view(-1, 1, 1, 1).float()
-    return Dataset({"image": image, "audio": audio, "y": y},
-                   {"image": "image", "audio": "audio", "y": "label"}, num_classes=4)
 
 
 def _group(output="mean"):

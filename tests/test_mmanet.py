@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from av_helpers import tiny_av as _av
 from torch import nn
 
 import crossdistill as cd
@@ -241,13 +242,6 @@ def test_mine_weak_finds_the_bad_combination():
 # -- recipe and end to end --------------------------------------------------------------------
 
 
-def _av(n, seed):
-    g = torch.Generator().manual_seed(seed)
-    y = torch.arange(n) % 4
-    image = torch.randn(n, 1, 8, 8, generator=g) + y.view(-1, 1, 1, 1).float()
-    audio = torch.randn(n, 1, 6, 10, generator=g) - y.view(-1, 1, 1, 1).float()
-    return Dataset({"image": image, "audio": audio, "y": y},
-                   {"image": "image", "audio": "audio", "y": "label"}, num_classes=4)
 
 
 def _fusion(seed):
