@@ -10,8 +10,10 @@ from crossdistill.models import MODELS, create, names, tap_paths
 
 ALL = names()
 AUDIO = [n for n in ALL if MODELS.meta(n).get("family") == "audio"]
-# dense (seg) and two-input (fusion) models have their own contracts, in test_canvas/test_av
-OTHER = [n for n in ALL if MODELS.meta(n).get("family") in ("seg", "fusion")]
+# dense (seg), two-input (fusion), sequence (seq2seq) and two-domain (bida) models have their
+# own contracts, in test_canvas / test_av / test_libs / test_bida
+OTHER = [n for n in ALL if MODELS.meta(n).get("family") in ("seg", "fusion", "seq")
+         or n == "bida"]
 IMAGE = [n for n in ALL if n not in AUDIO and n not in OTHER]
 # Standard teacher-sized architectures; everything else must stay CPU-small.
 LARGE = {"resnet32x4": 8_000_000, "vgg11": 10_000_000, "vgg": 4_000_000, "vgg8": 4_000_000}

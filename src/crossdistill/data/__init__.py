@@ -247,3 +247,4 @@ def load_split(name: str, split: str, *, root=None, split_seed: int = 0, **param
         except TypeError as err:
             raise ConfigError("data.params", params, f"bad options for {name!r} ({err})") from None
     return load(name, split, root=root, split_seed=split_seed, **params)
+from . import av_seq as _av_seq  # noqa: E402,F401  (registers av_seq)

@@ -72,4 +72,16 @@ def embedding_tap(model: nn.Module, field: str = "method") -> str:
 from . import classic  # noqa: E402,F401  (registers)
 
 __all__ = ["METHODS", "Recipe", "build", "embedding_tap", "stage_tap"]
-from . import any2seg, collaborative, crodino, mmanet, mst, ofa, pld, scalekd, taid  # noqa: E402,F401
+from . import (  # noqa: E402,F401
+    any2seg,
+    bida,  # noqa: E402,F401
+    collaborative,
+    crodino,
+    mmanet,
+    mst,
+    ofa,
+    pld,
+    scalekd,
+    taid,
+)
+from . import libs as _libs  # noqa: E402,F401

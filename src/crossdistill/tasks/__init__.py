@@ -22,3 +22,5 @@ __all__ = [
     "Task",
     "build",
 ]
+from . import cer as _cer  # noqa: E402,F401  (registers cer)
+from . import domain as _domain  # noqa: E402,F401  (registers domain_adaptation)
