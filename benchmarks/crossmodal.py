@@ -12,9 +12,15 @@ chosen on the validation split and the test split is read once at the end):
   complete-input teacher), SP and MAD on the fused embedding, MMANet (MAD + MAR), and
   Any2Seg's fusion without LSCD / with plain feature KD / with LSCD from encoders aligned
   to all-MiniLM-L6-v2 anchors.
-Still to come (issue 13): ``mrdd`` (MRDD's mask-ratio and dimension claims), ``bida``
-(MNIST -> sklearn digits) and ``libs`` (digit strings, error rate); their claims are listed
-as "not run" until then.
+- ``mrdd``: MRDD on MNIST + its Sobel edge map (no labels in training): mask ratio 0.3 vs
+  0.7 with c_dim 20 > v_dim 10 (the official EdgeMNIST sizes), and c_dim 5 < v_dim 10 at
+  mask 0.7; linear-probe accuracy (C chosen on val) on ``c`` and on ``[c, v]``.
+- ``bida``: MNIST (labelled source) -> sklearn digits at 28 x 28 (unlabelled target),
+  target accuracy (checkpoint chosen on the labelled target val split, the domain task's
+  default): source only, source + MMD, BiDA without its distillation term, BiDA.
+- ``libs``: digit strings (2-4 spoken digits / the same digits' images read column by
+  column), an audio seq2seq teacher and a visual student of the same shape: CE, frame +
+  sequence KD, all three levels, all three without LCS filtering; digit error rate.
 
 Noise: the image and missing blocks' students are also scored on the noisy test set (audio
 at 10 dB SNR, 25 % of each image occluded, seeded). Teachers are trained inside the run
@@ -50,7 +56,7 @@ from crossdistill.io import load_weights, save_weights  # noqa: E402
 from crossdistill.report import aggregate, format_table, pm  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the fusion teacher trains with modality dropout
 PLATEAU_POINTS = 0.5  # the baseline's val metric range over its last 20 % of epochs (points)
 
 FULL = dict(
@@ -58,11 +64,18 @@ FULL = dict(
     av_limit={"train": 3000, "val": 1000, "test": 1000},
     batch_size=64,
     lr=3e-3,
-    teacher_epochs=12,
-    epochs=12,
-    mst_epochs=(4, 2, 8),  # stage 1 + stage 3 = the baselines' 12 student epochs
+    teacher_epochs=20,
+    epochs=20,
+    mst_epochs=(7, 3, 13),  # stage 1 + stage 3 = the baselines' 20 student epochs
     rate=0.5,
+    teacher_rate=0.3,
+    student_width=8,  # the fusion students; the fusion teacher has width 16
     noise={"audio_snr_db": 10.0, "occlusion": 0.25, "seed": 0},
+    mrdd=dict(limit={"train": 3000, "val": 1000, "test": 1000}, epochs=(10, 10),
+              batch_size=64, lr=1e-3),
+    bida=dict(epochs=15, batch_size=64, lr=1e-3),
+    libs=dict(n={"train": 2000, "val": 300, "test": 300}, epochs=20, teacher_epochs=20,
+              batch_size=32, lr=3e-3),
 )
 QUICK = dict(
     seeds=1,
@@ -73,20 +86,39 @@ QUICK = dict(
     epochs=2,
     mst_epochs=(1, 1, 2),
     rate=0.5,
+    teacher_rate=0.3,
+    student_width=8,
     noise={"audio_snr_db": 10.0, "occlusion": 0.25, "seed": 0},
+    mrdd=dict(limit={"train": 300, "val": 200, "test": 200}, epochs=(1, 1), batch_size=64,
+              lr=1e-3),
+    bida=dict(limit={"train": 200, "val": 100, "test": 100}, epochs=1, batch_size=64, lr=1e-3),
+    libs=dict(n={"train": 200, "val": 60, "test": 60}, epochs=1, teacher_epochs=1,
+              batch_size=32, lr=3e-3),
 )
 
 BLOCKS = {
     "image": ["ce", "kd", "fitnet", "crd", "mst", "crodino"],
     "missing": ["ce", "kd", "sp", "mad", "mmanet", "a2s-none", "a2s-feature", "a2s-lscd"],
+    "mrdd": ["c20-v10-m0.3", "c20-v10-m0.7", "c5-v10-m0.7"],
+    "bida": ["source", "mmd", "bida-nodistill", "bida"],
+    "libs": ["ce", "frame+seq", "all", "all-nolcs"],
 }
-BASELINE = {"image": "ce", "missing": "ce"}
+BASELINE = {"image": "ce", "missing": "ce", "bida": "source", "libs": "ce"}
 METRIC = {  # per block: the test metric, its direction, its scale in the tables
     "image": ("test_acc", "max", 100.0),
     "missing": ("test_acc", "max", 100.0),
-    "mrdd": ("test_acc", "max", 100.0),
-    "bida": ("test_acc", "max", 100.0),
+    "mrdd": ("test_acc", "max", 100.0),  # linear probe on [c, v]
+    "bida": ("test_target_acc", "max", 100.0),
     "libs": ("test_cer", "min", 100.0),
+}
+EXTRA = {  # per block: further columns of its table (metric, header)
+    "image": [("noisy_test_acc", "noisy test")],
+    "missing": [("noisy_test_acc", "noisy test"), ("image_only", "image only"),
+                ("audio_only", "audio only"), ("random50", "random50")],
+    "mrdd": [("c_test_acc", "probe on c"), ("c_kmeans", "k-means on c"),
+             ("mi_proxy", "R2 of c from v")],
+    "bida": [("test_acc", "source test acc")],
+    "libs": [("test_ser", "string error")],
 }
 VIEWS = ["image_only", "audio_only", "random50"]
 
@@ -131,14 +163,15 @@ def train_kw(P: dict, epochs: int, seed: int) -> dict:
                 weight_decay=0.0, schedule="cosine", progress=False, seed=seed)
 
 
-def curve(trainer) -> list[float]:
-    return [float(r["val_acc"]) for r in trainer.log.rows if "val_acc" in r]
+def curve(trainer, key: str = "val_acc") -> list[float]:
+    return [float(r[key]) for r in trainer.log.rows if key in r]
 
 
 def fusion_teacher(P: dict, cache: Path, train: bool = True):
-    """The late-fusion teacher (image + audio, complete inputs, CE, seed 0), cached."""
+    """The late-fusion teacher (image + audio, CE, seed 0; trained with modality dropout at
+    ``teacher_rate`` so that each branch is a good classifier alone), cached."""
     cfg = dict(kind="fusion-teacher", P={k: P[k] for k in ("av_limit", "teacher_epochs",
-                                                           "batch_size", "lr")},
+                                                           "batch_size", "lr", "teacher_rate")},
                v=CACHE_VERSION)
     path = cache / f"crossmodal-teacher-{cache_key(cfg)}.safetensors"
     model = fusion_net(0)
@@ -150,7 +183,9 @@ def fusion_teacher(P: dict, cache: Path, train: bool = True):
     tr, va, te = av_data(P)
     task = {"name": "classification", "inputs": ["image", "audio"],
             "missing": ["image_only", "audio_only"]}
-    d = cd.Distiller(model, None, [cd.Term("ce")], task=task)
+    d = cd.Distiller(model, None, [cd.Term("ce")], task=task,
+                     prepare=[{"name": "modality_dropout", "keys": ["image", "audio"],
+                               "rate": P["teacher_rate"]}])
     t = cd.Trainer(d, tr, va, te, **train_kw(P, P["teacher_epochs"], 0))
     res = t.fit()
     meta = {"val_acc": res["best_val_acc"], "test_acc": res["test_acc"],
@@ -239,7 +274,7 @@ def run_missing(method: str, seed: int, P: dict, cache: Path) -> dict:
         return run_any2seg(method.removeprefix("a2s-"), seed, P, cache)
     from crossdistill.methods import build
 
-    student = fusion_net(100 + seed)
+    student = fusion_net(100 + seed, P["student_width"])
     teacher = None if method == "ce" else fusion_teacher(P, cache, train=False)[0]
     if method == "mmanet":
         from crossdistill.methods.mmanet import mine_weak
@@ -318,8 +353,141 @@ def run_any2seg(distill: str, seed: int, P: dict, cache: Path) -> dict:
                 noisy_test_acc=noisy_acc(student, P, io))
 
 
-RUNNERS = {"image": run_image, "missing": run_missing}
-TEACHERS = {"image": ["fusion"], "missing": ["fusion", "any2seg"]}
+# -- the MRDD block -------------------------------------------------------------------------------
+MRDD_CELLS = {"c20-v10-m0.3": (20, 10, 0.3), "c20-v10-m0.7": (20, 10, 0.7),
+              "c5-v10-m0.7": (5, 10, 0.7)}
+
+
+def mrdd_data(P: dict):
+    from crossdistill.models.mrdd import edge_views
+
+    key = ("mrdd", json.dumps(P["mrdd"]["limit"]))
+    if key not in _DATA:
+        _DATA[key] = tuple(edge_views(cd.data.load_split("mnist", s, limit=P["mrdd"]["limit"][s]))
+                           for s in ("train", "val", "test"))
+    return _DATA[key]
+
+
+def run_mrdd(method: str, seed: int, P: dict, cache: Path) -> dict:
+    """Both MRDD stages (no labels), then linear probes fit on train, C chosen on val."""
+    from crossdistill.methods import mrdd as M
+
+    c_dim, v_dim, ratio = MRDD_CELLS[method]
+    Q = P["mrdd"]
+    e1, e2 = Q["epochs"]
+    out = M.run(*mrdd_data(P), mask_ratio=ratio, c_dim=c_dim, v_dim=v_dim,
+                epochs_consistency=e1, epochs_specific=e2, batch_size=Q["batch_size"],
+                lr=Q["lr"], seed=seed)
+    v = f"v{out['model'].best_view}"
+    return dict(test_acc=out["cv_probe"]["test_acc"], val_acc=out["cv_probe"]["val_acc"],
+                c_test_acc=out["c_probe"]["test_acc"], c_val_acc=out["c_probe"]["val_acc"],
+                v_test_acc=out[f"{v}_probe"]["test_acc"], c_kmeans=out["c_kmeans"],
+                mi_proxy=out["mi_proxy"],
+                loss_curves={st: [float(r["loss"]) for r in out[st]]
+                             for st in ("stage1", "stage2") if out[st] and "loss" in out[st][0]})
+
+
+# -- the BiDA block -------------------------------------------------------------------------------
+def domain_data(P: dict):
+    lim = P["bida"].get("limit")
+    key = ("domains", json.dumps(lim))
+    if key not in _DATA:
+        kw = {"limit": lim, "target_limit": lim} if lim else {}
+        _DATA[key] = tuple(cd.data.load_split("mnist_digits", s, **kw)
+                           for s in ("train", "val", "test"))
+    return _DATA[key]
+
+
+def run_bida(method: str, seed: int, P: dict, cache: Path) -> dict:
+    """The same triple-branch model and data for every row; only the loss terms differ."""
+    from crossdistill.methods import build
+    from crossdistill.models.bida import BiDA
+
+    tr, va, te = domain_data(P)
+    Q = P["bida"]
+    torch.manual_seed(100 + seed)
+    student = BiDA(cd.models.create("bida"))
+    name, params = {"source": ("mmd_da", {"weight": 0.0}), "mmd": ("mmd_da", {}),
+                    "bida-nodistill": ("bida", {"distill_weight": 0.0}),
+                    "bida": ("bida", {})}[method]
+    recipe = build(name, student, None, **params)
+    d = cd.Distiller(student, None, recipe.terms, task="domain_adaptation",
+                     hooks=recipe.hooks, seed=seed)
+    t = cd.Trainer(d, tr, va, te, epochs=Q["epochs"], batch_size=Q["batch_size"],
+                   lr=Q["lr"], optimizer="adamw", weight_decay=0.0, schedule="cosine",
+                   progress=False, seed=seed)
+    res = t.fit()
+    return dict(test_target_acc=res["test_target_acc"], test_acc=res["test_acc"],
+                val_target_acc=res.get("best_val_target_acc"), best_epoch=res["best_epoch"],
+                val_curve=curve(t, "val_target_acc"))
+
+
+# -- the LIBS block -------------------------------------------------------------------------------
+LIBS_CELLS = {"ce": None, "frame+seq": {"context_weight": 0.0}, "all": {},
+              "all-nolcs": {"context_align": "all"}}
+
+
+def seq_data(P: dict):
+    key = ("av_seq", json.dumps(P["libs"]["n"]))
+    if key not in _DATA:
+        _DATA[key] = tuple(cd.data.load_split("av_seq", s, n=P["libs"]["n"])
+                           for s in ("train", "val", "test"))
+    return _DATA[key]
+
+
+def seq_kw(P: dict, epochs: int, seed: int) -> dict:
+    Q = P["libs"]
+    return dict(epochs=epochs, batch_size=Q["batch_size"], lr=Q["lr"], optimizer="adamw",
+                weight_decay=0.0, schedule="cosine", progress=False, seed=seed)
+
+
+def libs_teacher(P: dict, cache: Path, train: bool = True):
+    """The audio seq2seq recogniser (CE, seed 0, checkpoint on val CER), cached."""
+    from crossdistill.models.seq import seq_io
+
+    cfg = dict(kind="libs-teacher", P=P["libs"], v=CACHE_VERSION)
+    path = cache / f"crossmodal-libs-teacher-{cache_key(cfg)}.safetensors"
+    torch.manual_seed(0)
+    model = cd.models.create("seq2seq", in_features=40)
+    if path.exists():
+        model.load_state_dict(load_weights(path))
+        return model, json.loads(path.with_suffix(".json").read_text())
+    if not train:
+        return None, None
+    tr, va, te = seq_data(P)
+    d = cd.Distiller(model, None, [cd.Term("ce")], task="cer", io=seq_io("audio"))
+    res = cd.Trainer(d, tr, va, te, **seq_kw(P, P["libs"]["teacher_epochs"], 0)).fit()
+    meta = {"val_cer": res.get("best_val_cer"), "test_cer": res["test_cer"],
+            "seconds": res["train_seconds"]}
+    cache.mkdir(parents=True, exist_ok=True)
+    save_weights(model.state_dict(), path)
+    path.with_suffix(".json").write_text(json.dumps(meta))
+    return model, meta
+
+
+def run_libs(method: str, seed: int, P: dict, cache: Path) -> dict:
+    from crossdistill.methods import build
+    from crossdistill.models.seq import seq_io
+
+    tr, va, te = seq_data(P)
+    torch.manual_seed(100 + seed)
+    student = cd.models.create("seq2seq", in_features=28)
+    params = LIBS_CELLS[method]
+    teacher = None if params is None else libs_teacher(P, cache, train=False)[0]
+    recipe = build("libs", student, teacher, **params) if teacher is not None else None
+    d = cd.Distiller(student, teacher, recipe.terms if recipe else [cd.Term("ce")],
+                     task="cer", io=seq_io("video"),
+                     teacher_io=seq_io("audio") if teacher is not None else None, seed=seed)
+    t = cd.Trainer(d, tr, va, te, **seq_kw(P, P["libs"]["epochs"], seed))
+    res = t.fit()
+    return dict(test_cer=res["test_cer"], test_ser=res.get("test_ser"),
+                val_cer=res.get("best_val_cer"), best_epoch=res["best_epoch"],
+                val_curve=curve(t, "val_cer"))
+
+
+RUNNERS = {"image": run_image, "missing": run_missing, "mrdd": run_mrdd, "bida": run_bida,
+           "libs": run_libs}
+TEACHERS = {"image": ["fusion"], "missing": ["fusion", "any2seg"], "libs": ["libs"]}
 
 
 def train_teacher(name: str, P: dict, cache: Path) -> dict:
@@ -327,7 +495,19 @@ def train_teacher(name: str, P: dict, cache: Path) -> dict:
         return fusion_teacher(P, cache)[1]
     if name == "any2seg":
         return any2seg_teacher(P, cache)[1]
+    if name == "libs":
+        return libs_teacher(P, cache)[1]
     raise KeyError(name)
+
+
+def block_key(block: str, P: dict) -> str:
+    """The hash of the settings a block's runs depend on: a saved run is reused only while
+    they are unchanged (changing one block's profile reruns that block alone)."""
+    if block in ("mrdd", "bida", "libs"):
+        sub = P[block]
+    else:
+        sub = {k: v for k, v in P.items() if k not in ("seeds", "mrdd", "bida", "libs")}
+    return cache_key({"block": block, "P": sub, "v": CACHE_VERSION})
 
 
 # -- workers --------------------------------------------------------------------------------------
@@ -359,7 +539,9 @@ def _work(item):
 
 # -- summaries ------------------------------------------------------------------------------------
 def stats(rows: list[dict]) -> list[dict]:
-    metrics = ["test_acc", "test_cer", "noisy_test_acc", "seconds", *VIEWS, "peer_test_acc"]
+    metrics = ["test_acc", "test_cer", "test_ser", "test_target_acc", "noisy_test_acc",
+               "seconds", *VIEWS, "peer_test_acc", "c_test_acc", "v_test_acc", "c_kmeans",
+               "mi_proxy"]
     return aggregate([r for r in rows if "error" not in r], by=["block", "method"],
                      metrics=metrics)
 
@@ -386,7 +568,25 @@ def plateau(rows: list[dict]) -> list[dict]:
         if not ranges:
             continue
         out.append(dict(block=block, method=method, epochs=len(curves[0]),
-                        range_points=max(ranges), plateaued=max(ranges) <= PLATEAU_POINTS))
+                        range_points=max(ranges), plateaued=max(ranges) <= PLATEAU_POINTS + 1e-9))
+    return out
+
+
+def loss_plateau(rows: list[dict]) -> list[dict]:
+    """MRDD has no supervised baseline: per cell and stage, the training loss's range over
+    its last 20 % of epochs relative to its final value (worst seed)."""
+    out = []
+    for method in BLOCKS["mrdd"]:
+        runs = [r for r in rows if (r["block"], r["method"]) == ("mrdd", method)]
+        for stage in ("stage1", "stage2"):
+            curves = [r["loss_curves"][stage] for r in runs if r.get("loss_curves", {}).get(stage)]
+            if not curves or len(curves[0]) < 2:
+                continue
+            k = max(1, math.ceil(0.2 * len(curves[0])))
+            rel = [100 * (max(c[-k - 1:]) - min(c[-k - 1:])) / max(abs(c[-1]), 1e-12)
+                   for c in curves]
+            out.append(dict(block="mrdd", method=method, stage=stage, epochs=len(curves[0]),
+                            range_percent=max(rel)))
     return out
 
 
@@ -440,19 +640,24 @@ def claims(st, plat) -> list[dict]:
         method="MMANet (missing)",
         claim="the MMANet student degrades less with a missing modality (accuracy under image "
         "only / audio only / 50 % random, vs CE + dropout)",
-        verdict=verdict if ok.get("missing") else f"not judged (baseline not plateaued; "
-        f"measured: {verdict})",
+        verdict=verdict if ok.get("missing") or verdict == "not run" else
+        f"not judged (baseline not plateaued; measured: {verdict})",
         evidence=_ev(res, VIEWS),
     ))
     claim("CroDiNo-KD", "image", [("crodino", "kd"), ("crodino", "fitnet")],
           "co-trained unimodal image net > teacher-student cross-modal KD (KD, FitNet)")
     res = [_cmp(st, "missing", "a2s-lscd", "a2s-none", v) for v in VIEWS]
+    verdict = _verdict(res)
+    if not ok.get("missing") and verdict != "not run":
+        verdict = f"not judged (baseline not plateaued; measured: {verdict})"
     out.append(dict(method="Any2Seg", claim="LSCD: smaller drop with missing modalities than "
-                    "fusion without it", verdict=_verdict(res), evidence=_ev(res, VIEWS)))
+                    "fusion without it", verdict=verdict, evidence=_ev(res, VIEWS)))
     claim("Any2Seg (vs feature KD)", "missing", [("a2s-lscd", "a2s-feature")],
           "correlation distillation > plain feature KD")
-    claim("MRDD (mask)", "mrdd", [("mask0.7", "mask0.3")], "mask 0.7 > 0.3 (probe on c)")
-    claim("MRDD (dims)", "mrdd", [("c5-v10", "c20-v10")], "dim c < dim v beats dim c > dim v")
+    claim("MRDD (mask)", "mrdd", [("c20-v10-m0.7", "c20-v10-m0.3")],
+          "mask 0.7 > 0.3 (linear probe on c)", metric="c_test_acc")
+    claim("MRDD (dims)", "mrdd", [("c5-v10-m0.7", "c20-v10-m0.7")],
+          "dim c < dim v beats dim c > dim v (linear probe on [c, v])")
     claim("BiDA", "bida", [("bida", "bida-nodistill"), ("bida", "mmd")],
           "with bi-directional distillation > without, and > source + MMD (target accuracy)")
     claim("LIBS", "libs", [("frame+seq", "ce"), ("all", "ce"), ("all", "all-nolcs")],
@@ -465,24 +670,17 @@ def tables(st, P) -> str:
     parts = []
     for block, methods in BLOCKS.items():
         metric, _, scale = METRIC[block]
-        head = ["method", metric.replace("test_", "test ")]
-        if block in ("image", "missing"):
-            head += ["noisy test"]
-        if block == "missing":
-            head += [v.replace("_", " ") for v in VIEWS]
+        head = ["method", metric.replace("test_", "test ").replace("_", " ")]
+        head += [h for _, h in EXTRA.get(block, [])]
         body = []
         for m in methods:
             r = lookup(st, block, m)
             if r is None:
                 continue
             line = [m, pm(r[0], r[1], scale) + (f" (n={r[2]})" if r[2] != P["seeds"] else "")]
-            if block in ("image", "missing"):
-                x = lookup(st, block, m, "noisy_test_acc")
-                line.append(pm(x[0], x[1]) if x else "-")
-            if block == "missing":
-                for v in VIEWS:
-                    x = lookup(st, block, m, v)
-                    line.append(pm(x[0], x[1]) if x else "-")
+            for key, _ in EXTRA.get(block, []):
+                x = lookup(st, block, m, key)
+                line.append(pm(x[0], x[1], 1.0 if key == "mi_proxy" else 100.0) if x else "-")
             body.append(line)
         if body:
             parts.append(f"{block}\n" + format_table(head, body))
@@ -514,6 +712,9 @@ def markdown(res: dict) -> str:
     for p in res["plateau"]:
         lines.append(f"| {p['block']} | {p['method']} | {p['epochs']} | "
                      f"{p['range_points']:.2f} | {p['plateaued']} |")
+    for b in res.get("loss_plateau", []):
+        lines.append(f"| {b['block']} | {b['method']} ({b['stage']} loss, relative) | "
+                     f"{b['epochs']} | {b['range_percent']:.2f} % | - |")
     lines += ["", "## Claims", "", "| method | claim | verdict | evidence |", "|---|---|---|---|"]
     for c in res["claims"]:
         lines.append(f"| {c['method']} | {c['claim']} | {c['verdict']} | "
@@ -554,13 +755,13 @@ def main(argv=None) -> int:
     t_start = time.time()
     deadline = t_start + 60 * args.max_minutes if args.max_minutes else None
     jobs = [(b, m, s) for s in range(P["seeds"]) for b in args.blocks for m in BLOCKS[b]]
-    key = cache_key({"P": P, "v": CACHE_VERSION})
-    partial = cache.parent / "crossmodal" / f"{Path(args.out).stem}-{key}.partial.jsonl"
+    partial = cache.parent / "crossmodal" / f"{Path(args.out).stem}.partial.jsonl"
     done = {}
     if partial.exists() and not args.fresh:
         for line in partial.read_text().splitlines():
             rec = json.loads(line)
-            done[tuple(rec["job"])] = rec["row"]
+            if rec.get("profile") == block_key(rec["job"][0], P):
+                done[tuple(rec["job"])] = rec["row"]
     rows = [done[j] for j in jobs if j in done]
     todo = [j for j in jobs if j not in done]
     teachers = sorted({t for b in args.blocks for t in TEACHERS.get(b, [])})
@@ -591,7 +792,8 @@ def main(argv=None) -> int:
                 rows.append(row)
                 partial.parent.mkdir(parents=True, exist_ok=True)
                 with partial.open("a") as f:
-                    f.write(json.dumps({"job": list(job), "row": row}) + "\n")
+                    f.write(json.dumps({"job": list(job), "profile": block_key(job[0], P),
+                                        "row": row}) + "\n")
                 metric = METRIC[job[0]][0]
                 tqdm.write(f"{job[0]:>8} {job[1]:>14} seed {job[2]}: {metric} "
                            f"{row.get(metric, float('nan')):.4f} ({row['seconds']:.0f} s)")
@@ -607,6 +809,7 @@ def main(argv=None) -> int:
         teachers=teacher_meta,
         cells=st,
         plateau=plat,
+        loss_plateau=loss_plateau(rows),
         claims=claims(st, plat),
         table=tables(st, P),
         failed=failed,
