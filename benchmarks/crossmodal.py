@@ -167,6 +167,21 @@ def curve(trainer, key: str = "val_acc") -> list[float]:
     return [float(r[key]) for r in trainer.log.rows if key in r]
 
 
+def load_cached(model, path: Path):
+    """(model, meta) from a cached teacher's weights and metadata, or None if absent."""
+    if not path.exists():
+        return None
+    model.load_state_dict(load_weights(path))
+    return model, json.loads(path.with_suffix(".json").read_text())
+
+
+def save_cached(model, path: Path, meta: dict):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_weights(model.state_dict(), path)
+    path.with_suffix(".json").write_text(json.dumps(meta))
+    return model, meta
+
+
 def fusion_teacher(P: dict, cache: Path, train: bool = True):
     """The late-fusion teacher (image + audio, CE, seed 0; trained with modality dropout at
     ``teacher_rate`` so that each branch is a good classifier alone), cached."""
@@ -175,9 +190,8 @@ def fusion_teacher(P: dict, cache: Path, train: bool = True):
                v=CACHE_VERSION)
     path = cache / f"crossmodal-teacher-{cache_key(cfg)}.safetensors"
     model = fusion_net(0)
-    if path.exists():
-        model.load_state_dict(load_weights(path))
-        return model, json.loads(path.with_suffix(".json").read_text())
+    if (hit := load_cached(model, path)) is not None:
+        return hit
     if not train:
         return None, None
     tr, va, te = av_data(P)
@@ -192,10 +206,7 @@ def fusion_teacher(P: dict, cache: Path, train: bool = True):
             "image_only_test_acc": res.get("test_image_only_acc"),
             "audio_only_test_acc": res.get("test_audio_only_acc"),
             "seconds": res["train_seconds"], "epochs": P["teacher_epochs"]}
-    cache.mkdir(parents=True, exist_ok=True)
-    save_weights(model.state_dict(), path)
-    path.with_suffix(".json").write_text(json.dumps(meta))
-    return model, meta
+    return save_cached(model, path, meta)
 
 
 def noisy_acc(model, P, io) -> float:
@@ -308,9 +319,8 @@ def any2seg_teacher(P: dict, cache: Path, train: bool = True):
                v=CACHE_VERSION)
     path = cache / f"crossmodal-a2s-teacher-{cache_key(cfg)}.safetensors"
     group = teacher_encoders({"image": image_cnn(0), "audio": audio_net(0)})
-    if path.exists():
-        group.load_state_dict(load_weights(path))
-        return group, json.loads(path.with_suffix(".json").read_text())
+    if (hit := load_cached(group, path)) is not None:
+        return hit
     if not train:
         return None, None
     tr, va, te = av_data(P)
@@ -324,10 +334,7 @@ def any2seg_teacher(P: dict, cache: Path, train: bool = True):
     meta = {f"{m}_val_acc": best[m][0] for m in group.names}
     meta.update({f"{m}_test_acc": cd.evaluate(group[m], te, io=group.member_io(m))["acc"]
                  for m in group.names})
-    cache.mkdir(parents=True, exist_ok=True)
-    save_weights(group.state_dict(), path)
-    path.with_suffix(".json").write_text(json.dumps(meta))
-    return group, meta
+    return save_cached(group, path, meta)
 
 
 def run_any2seg(distill: str, seed: int, P: dict, cache: Path) -> dict:
@@ -449,9 +456,8 @@ def libs_teacher(P: dict, cache: Path, train: bool = True):
     path = cache / f"crossmodal-libs-teacher-{cache_key(cfg)}.safetensors"
     torch.manual_seed(0)
     model = cd.models.create("seq2seq", in_features=40)
-    if path.exists():
-        model.load_state_dict(load_weights(path))
-        return model, json.loads(path.with_suffix(".json").read_text())
+    if (hit := load_cached(model, path)) is not None:
+        return hit
     if not train:
         return None, None
     tr, va, te = seq_data(P)
@@ -459,10 +465,7 @@ def libs_teacher(P: dict, cache: Path, train: bool = True):
     res = cd.Trainer(d, tr, va, te, **seq_kw(P, P["libs"]["teacher_epochs"], 0)).fit()
     meta = {"val_cer": res.get("best_val_cer"), "test_cer": res["test_cer"],
             "seconds": res["train_seconds"]}
-    cache.mkdir(parents=True, exist_ok=True)
-    save_weights(model.state_dict(), path)
-    path.with_suffix(".json").write_text(json.dumps(meta))
-    return model, meta
+    return save_cached(model, path, meta)
 
 
 def run_libs(method: str, seed: int, P: dict, cache: Path) -> dict:
