@@ -127,19 +127,25 @@ VIEWS = ["image_only", "audio_only", "random50"]
 _DATA: dict = {}
 
 
+def _memo(key, make):
+    """Each worker loads a dataset once and reuses it across its runs."""
+    if key not in _DATA:
+        _DATA[key] = make()
+    return _DATA[key]
+
+
+def _splits(name: str, **params):
+    return tuple(cd.data.load_split(name, s, **params) for s in ("train", "val", "test"))
+
+
 def av_data(P: dict, noisy: bool = False):
     """(train, val, test) audio-visual digits at the profile's sizes (noisy: the test split's
     corrupted copy only)."""
     key = ("av", noisy, json.dumps(P["av_limit"]))
-    if key not in _DATA:
-        params = {"limit": P["av_limit"]}
-        if noisy:
-            params["noise"] = P["noise"]
-            _DATA[key] = cd.data.load_split("av", "test", **params)
-        else:
-            splits = ("train", "val", "test")
-            _DATA[key] = tuple(cd.data.load_split("av", s, **params) for s in splits)
-    return _DATA[key]
+    if noisy:
+        return _memo(key, lambda: cd.data.load_split("av", "test", limit=P["av_limit"],
+                                                     noise=P["noise"]))
+    return _memo(key, lambda: _splits("av", limit=P["av_limit"]))
 
 
 def image_cnn(seed: int):
@@ -159,6 +165,7 @@ def fusion_net(seed: int, width: int = 16):
 
 
 def train_kw(P: dict, epochs: int, seed: int) -> dict:
+    """Trainer settings; ``P`` is the profile or a block's own (its batch_size and lr)."""
     return dict(epochs=epochs, batch_size=P["batch_size"], lr=P["lr"], optimizer="adamw",
                 weight_decay=0.0, schedule="cosine", progress=False, seed=seed)
 
@@ -368,11 +375,9 @@ MRDD_CELLS = {"c20-v10-m0.3": (20, 10, 0.3), "c20-v10-m0.7": (20, 10, 0.7),
 def mrdd_data(P: dict):
     from crossdistill.models.mrdd import edge_views
 
-    key = ("mrdd", json.dumps(P["mrdd"]["limit"]))
-    if key not in _DATA:
-        _DATA[key] = tuple(edge_views(cd.data.load_split("mnist", s, limit=P["mrdd"]["limit"][s]))
-                           for s in ("train", "val", "test"))
-    return _DATA[key]
+    lim = P["mrdd"]["limit"]
+    return _memo(("mrdd", json.dumps(lim)), lambda: tuple(
+        edge_views(cd.data.load_split("mnist", s, limit=lim[s])) for s in ("train", "val", "test")))
 
 
 def run_mrdd(method: str, seed: int, P: dict, cache: Path) -> dict:
@@ -397,12 +402,8 @@ def run_mrdd(method: str, seed: int, P: dict, cache: Path) -> dict:
 # -- the BiDA block -------------------------------------------------------------------------------
 def domain_data(P: dict):
     lim = P["bida"].get("limit")
-    key = ("domains", json.dumps(lim))
-    if key not in _DATA:
-        kw = {"limit": lim, "target_limit": lim} if lim else {}
-        _DATA[key] = tuple(cd.data.load_split("mnist_digits", s, **kw)
-                           for s in ("train", "val", "test"))
-    return _DATA[key]
+    kw = {"limit": lim, "target_limit": lim} if lim else {}
+    return _memo(("domains", json.dumps(lim)), lambda: _splits("mnist_digits", **kw))
 
 
 def run_bida(method: str, seed: int, P: dict, cache: Path) -> dict:
@@ -420,9 +421,7 @@ def run_bida(method: str, seed: int, P: dict, cache: Path) -> dict:
     recipe = build(name, student, None, **params)
     d = cd.Distiller(student, None, recipe.terms, task="domain_adaptation",
                      hooks=recipe.hooks, seed=seed)
-    t = cd.Trainer(d, tr, va, te, epochs=Q["epochs"], batch_size=Q["batch_size"],
-                   lr=Q["lr"], optimizer="adamw", weight_decay=0.0, schedule="cosine",
-                   progress=False, seed=seed)
+    t = cd.Trainer(d, tr, va, te, **train_kw(Q, Q["epochs"], seed))
     res = t.fit()
     return dict(test_target_acc=res["test_target_acc"], test_acc=res["test_acc"],
                 val_target_acc=res.get("best_val_target_acc"), best_epoch=res["best_epoch"],
@@ -435,17 +434,8 @@ LIBS_CELLS = {"ce": None, "frame+seq": {"context_weight": 0.0}, "all": {},
 
 
 def seq_data(P: dict):
-    key = ("av_seq", json.dumps(P["libs"]["n"]))
-    if key not in _DATA:
-        _DATA[key] = tuple(cd.data.load_split("av_seq", s, n=P["libs"]["n"])
-                           for s in ("train", "val", "test"))
-    return _DATA[key]
-
-
-def seq_kw(P: dict, epochs: int, seed: int) -> dict:
-    Q = P["libs"]
-    return dict(epochs=epochs, batch_size=Q["batch_size"], lr=Q["lr"], optimizer="adamw",
-                weight_decay=0.0, schedule="cosine", progress=False, seed=seed)
+    n = P["libs"]["n"]
+    return _memo(("av_seq", json.dumps(n)), lambda: _splits("av_seq", n=n))
 
 
 def libs_teacher(P: dict, cache: Path, train: bool = True):
@@ -462,7 +452,7 @@ def libs_teacher(P: dict, cache: Path, train: bool = True):
         return None, None
     tr, va, te = seq_data(P)
     d = cd.Distiller(model, None, [cd.Term("ce")], task="cer", io=seq_io("audio"))
-    res = cd.Trainer(d, tr, va, te, **seq_kw(P, P["libs"]["teacher_epochs"], 0)).fit()
+    res = cd.Trainer(d, tr, va, te, **train_kw(P["libs"], P["libs"]["teacher_epochs"], 0)).fit()
     meta = {"val_cer": res.get("best_val_cer"), "test_cer": res["test_cer"],
             "seconds": res["train_seconds"]}
     return save_cached(model, path, meta)
@@ -481,7 +471,7 @@ def run_libs(method: str, seed: int, P: dict, cache: Path) -> dict:
     d = cd.Distiller(student, teacher, recipe.terms if recipe else [cd.Term("ce")],
                      task="cer", io=seq_io("video"),
                      teacher_io=seq_io("audio") if teacher is not None else None, seed=seed)
-    t = cd.Trainer(d, tr, va, te, **seq_kw(P, P["libs"]["epochs"], seed))
+    t = cd.Trainer(d, tr, va, te, **train_kw(P["libs"], P["libs"]["epochs"], seed))
     res = t.fit()
     return dict(test_cer=res["test_cer"], test_ser=res.get("test_ser"),
                 val_cer=res.get("best_val_cer"), best_epoch=res["best_epoch"],
@@ -506,10 +496,10 @@ def train_teacher(name: str, P: dict, cache: Path) -> dict:
 def block_key(block: str, P: dict) -> str:
     """The hash of the settings a block's runs depend on: a saved run is reused only while
     they are unchanged (changing one block's profile reruns that block alone)."""
-    if block in ("mrdd", "bida", "libs"):
+    if block in P:  # a block with a profile of its own
         sub = P[block]
     else:
-        sub = {k: v for k, v in P.items() if k not in ("seeds", "mrdd", "bida", "libs")}
+        sub = {k: v for k, v in P.items() if k not in BLOCKS and k != "seeds"}
     return cache_key({"block": block, "P": sub, "v": CACHE_VERSION})
 
 
@@ -557,6 +547,12 @@ def lookup(st, block, method, metric=None):
     return None
 
 
+def tail_range(c: list[float]) -> float:
+    """max - min of a curve over its last ceil(20 %) of epochs and the epoch before."""
+    k = max(1, math.ceil(0.2 * len(c)))
+    return max(c[-k - 1:]) - min(c[-k - 1:])
+
+
 def plateau(rows: list[dict]) -> list[dict]:
     """Per block with a supervised baseline: the range of its val metric (points) over the
     last ceil(20 %) of epochs and the epoch before, worst seed."""
@@ -567,7 +563,7 @@ def plateau(rows: list[dict]) -> list[dict]:
         if not curves:
             continue
         k = max(1, math.ceil(0.2 * len(curves[0])))
-        ranges = [100 * (max(c[-k - 1:]) - min(c[-k - 1:])) for c in curves if len(c) > k]
+        ranges = [100 * tail_range(c) for c in curves if len(c) > k]
         if not ranges:
             continue
         out.append(dict(block=block, method=method, epochs=len(curves[0]),
@@ -585,9 +581,7 @@ def loss_plateau(rows: list[dict]) -> list[dict]:
             curves = [r["loss_curves"][stage] for r in runs if r.get("loss_curves", {}).get(stage)]
             if not curves or len(curves[0]) < 2:
                 continue
-            k = max(1, math.ceil(0.2 * len(curves[0])))
-            rel = [100 * (max(c[-k - 1:]) - min(c[-k - 1:])) / max(abs(c[-1]), 1e-12)
-                   for c in curves]
+            rel = [100 * tail_range(c) / max(abs(c[-1]), 1e-12) for c in curves]
             out.append(dict(block="mrdd", method=method, stage=stage, epochs=len(curves[0]),
                             range_percent=max(rel)))
     return out
@@ -625,36 +619,30 @@ def claims(st, plat) -> list[dict]:
     ok = {p["block"]: p["plateaued"] for p in plat}
     out = []
 
-    def claim(name, block, pairs, text, metric=None, higher=True):
-        res = [_cmp(st, block, a, b, metric, higher) for a, b in pairs]
+    def claim(name, block, pairs, text, metric=None, higher=True, views=None):
+        """``views``: compare the one pair on each missing-modality view instead."""
+        if views:
+            (a, b), = pairs
+            res = [_cmp(st, block, a, b, v, higher) for v in views]
+            names = list(views)
+        else:
+            res = [_cmp(st, block, a, b, metric, higher) for a, b in pairs]
+            names = [f"{a} vs {b}" + (f" ({metric})" if metric else "") for a, b in pairs]
         verdict = _verdict(res)
         if block in BASELINE and not ok.get(block, False) and verdict != "not run":
             verdict = f"not judged (baseline not plateaued; measured: {verdict})"
-        out.append(dict(method=name, claim=text, verdict=verdict,
-                        evidence=_ev(res, [f"{a} vs {b}" + (f" ({metric})" if metric else "")
-                                           for a, b in pairs])))
+        out.append(dict(method=name, claim=text, verdict=verdict, evidence=_ev(res, names)))
 
     claim("MST-Distill", "image", [("mst", m) for m in ("kd", "fitnet", "crd")],
           "MST-Distill > KD, FitNet and CRD for the image student")
     claim("MMANet (MAD)", "missing", [("mad", "sp")], "MAD > SP on the same features")
-    res = [_cmp(st, "missing", "mmanet", "ce", v) for v in VIEWS]
-    verdict = _verdict(res)
-    out.append(dict(
-        method="MMANet (missing)",
-        claim="the MMANet student degrades less with a missing modality (accuracy under image "
-        "only / audio only / 50 % random, vs CE + dropout)",
-        verdict=verdict if ok.get("missing") or verdict == "not run" else
-        f"not judged (baseline not plateaued; measured: {verdict})",
-        evidence=_ev(res, VIEWS),
-    ))
+    claim("MMANet (missing)", "missing", [("mmanet", "ce")],
+          "the MMANet student degrades less with a missing modality (accuracy under image "
+          "only / audio only / 50 % random, vs CE + dropout)", views=VIEWS)
     claim("CroDiNo-KD", "image", [("crodino", "kd"), ("crodino", "fitnet")],
           "co-trained unimodal image net > teacher-student cross-modal KD (KD, FitNet)")
-    res = [_cmp(st, "missing", "a2s-lscd", "a2s-none", v) for v in VIEWS]
-    verdict = _verdict(res)
-    if not ok.get("missing") and verdict != "not run":
-        verdict = f"not judged (baseline not plateaued; measured: {verdict})"
-    out.append(dict(method="Any2Seg", claim="LSCD: smaller drop with missing modalities than "
-                    "fusion without it", verdict=verdict, evidence=_ev(res, VIEWS)))
+    claim("Any2Seg", "missing", [("a2s-lscd", "a2s-none")],
+          "LSCD: smaller drop with missing modalities than fusion without it", views=VIEWS)
     claim("Any2Seg (vs feature KD)", "missing", [("a2s-lscd", "a2s-feature")],
           "correlation distillation > plain feature KD")
     claim("MRDD (mask)", "mrdd", [("c20-v10-m0.7", "c20-v10-m0.3")],
