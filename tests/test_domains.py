@@ -50,8 +50,21 @@ def test_domain_splits_formats(pair):
     raw = target.x * std + mean
     assert torch.allclose(raw.amax(dim=(1, 2, 3)), torch.ones(360), atol=1e-5)  # peak 1
     assert raw.min() >= -1e-5
-    # the domain gap is real: digits fill the frame, MNIST's background dominates
-    assert target.x.mean() > source.x.mean() + 0.3
+    # MNIST's frame: a 20x20 digit box centred, 4 blank (background) pixels each side
+    border = raw.clone()
+    border[:, :, 4:24, 4:24] = 0
+    assert border.abs().max() < 1e-6 and raw[:, :, 4:24, 4:24].amax() > 0.99
+
+
+def test_fill_frame_is_the_larger_gap(mnist_root, pair):
+    source, boxed = pair
+    _, filled = domain_splits("test", root=mnist_root, limit=200, target_frame="fill")
+    assert filled.x.shape == boxed.x.shape and filled.info["target_frame"] == "fill"
+    # digits filling the frame: far more ink than MNIST's; the box is closer to the source
+    assert filled.x.mean() > source.x.mean() + 0.3
+    assert abs(boxed.x.mean() - source.x.mean()) < abs(filled.x.mean() - source.x.mean())
+    with pytest.raises(ConfigError, match="target_frame"):
+        domain_splits("test", root=mnist_root, limit=20, target_frame="centre")
 
 
 def test_mnist_digits_pairs_and_hides_train_target_labels(mnist_root):

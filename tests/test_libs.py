@@ -158,6 +158,19 @@ def test_data_shapes_and_content(strings):
     assert torch.equal(again["audio"], tr["audio"]) and torch.equal(again["text"], tr["text"])
 
 
+def test_video_noise_degrades_only_the_video(strings):
+    tr = strings[0]
+    noisy = cd.data.load_split("av_seq", "train", n={"train": 64}, video_noise=1.5)
+    assert torch.equal(noisy["audio"], tr["audio"]) and torch.equal(noisy["text"], tr["text"])
+    valid = torch.arange(tr["video"].shape[1])[None] < tr["video_len"][:, None]
+    diff = (noisy["video"] - tr["video"])[valid]
+    assert 1.4 < float(diff.std()) < 1.6 and (noisy["video"][~valid] == 0).all()  # pads stay 0
+    again = cd.data.load_split("av_seq", "train", n={"train": 64}, video_noise=1.5)
+    assert torch.equal(again["video"], noisy["video"])  # seeded
+    with pytest.raises(ConfigError, match="data.video_noise"):
+        cd.data.load_split("av_seq", "val", n=8, video_noise=-1.0)
+
+
 def test_data_no_leakage(strings):
     ids = {}
     for d in strings:

@@ -15,6 +15,8 @@ for KD with few labels).
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -209,8 +211,8 @@ def _av(
 
 @DATASETS.register(
     "mnist_digits",
-    description="MNIST (source, labelled) paired with sklearn digits upsampled to 28x28 "
-    "(target; labels as target_y, for evaluation): cross-domain KD",
+    description="MNIST (source, labelled) paired with sklearn digits upsampled into MNIST's "
+    "28x28 frame (target; labels as target_y, for evaluation): cross-domain KD",
     splits=True,
     task="classification",
 )
@@ -222,6 +224,7 @@ def _mnist_digits(
     limit: Count | dict[str, Count] | None = None,
     target_limit: Count | dict[str, Count] | None = None,
     train_target_labels: bool = False,
+    target_frame: Literal["mnist", "fill"] = "mnist",
 ):
     from .domains import mnist_digits
 
@@ -233,6 +236,7 @@ def _mnist_digits(
         limit=limit,
         target_limit=target_limit,
         train_target_labels=train_target_labels,
+        target_frame=target_frame,
     )
 
 

@@ -52,6 +52,20 @@ class Branch(nn.Module):
         self.proj = nn.Linear(prev, dim)
 
     def forward(self, x: Tensor) -> Tensor:
+        """Runs on the present samples only and returns zeros for the missing ones, so that
+        BatchNorm's batch and running statistics never see a dropped (all-zero) input: with
+        modality dropout they would otherwise mix real and zeroed inputs and the complete-
+        input validation accuracy would swing with the last batches' masks. Taps inside the
+        branch hold the present samples' rows only; the branch output has all ``B`` rows."""
+        keep = present_mask(x)
+        if bool(keep.all()):
+            return self._encode(x)
+        out = x.new_zeros(x.shape[0], self.proj.out_features)
+        if bool(keep.any()):
+            out = out.index_put((keep,), self._encode(x[keep]))
+        return out
+
+    def _encode(self, x: Tensor) -> Tensor:
         x = self.stage3(self.stage2(self.stage1(x)))
         return self.proj(self.flatten(self.pool(x)))
 

@@ -87,6 +87,12 @@ class TrainConfig:
     num_workers: Annotated[
         int, Field(ge=0, le=64, description="DataLoader workers for map-style datasets")
     ] = 0
+    precise_bn: Annotated[
+        int,
+        Field(ge=0, le=10**7, description="train samples (a fixed seeded draw) on which every "
+              "BatchNorm's statistics are recomputed before each validation (precise BN: an "
+              "epoch-to-epoch steady val metric); 0 = off"),
+    ] = 0
     progress: Annotated[bool, Field(description="progress bars")] = True
     strategy: Annotated[
         Literal["ddp", "fsdp"], Field(description="multi-process strategy under --nproc / torchrun")

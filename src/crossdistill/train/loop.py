@@ -627,6 +627,7 @@ class Trainer:
         row.update({k: v / s["n"] for k, v in s.items() if k.startswith("loss_")})
         if self._nan_skip:
             row["skipped_steps"] = st.get("epoch_skipped", 0)
+        self._precise_bn()
         if self.val is not None:
             v = self.evaluate(self.val)
             row.update({f"val_{k}": x for k, x in v.items() if isinstance(x, float)})
@@ -642,6 +643,28 @@ class Trainer:
         if self.dist.main:
             self.log.append(row)
         return row
+
+    def _precise_bn(self) -> None:
+        """Recompute the student's BN statistics on a fixed train sample (``precise_bn``)."""
+        n = self.cfg.precise_bn
+        if not n or not isinstance(self.train_data, Dataset):
+            return
+        from .. import tasks
+        from ..adapters import ModelIO
+        from . import precise_bn as PB
+
+        if getattr(self, "_bn_sample", None) is None:
+            self._bn_sample = self.train_data.subset(
+                PB.sample_ids(len(self.train_data), n, self.cfg.seed))
+        task = tasks.build(self.distiller.task)
+        io = ModelIO.parse(self.distiller.io, "student").with_defaults(task.inputs,
+                                                                       task.class_dim)
+        bs = self.cfg.batch_size // self.dist.world
+        batches = ({k: v.to(self.device) for k, v in b.items()}
+                   for b, _ in eval_batches(self._bn_sample, bs, self.dist.rank, self.dist.world))
+        cuda = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):  # the training's random stream is untouched
+            PB.recompute(self.distiller.student, batches, io.call, self.dist)
 
     def _save_best(self):
         state = self._student_state()
