@@ -3,6 +3,7 @@ and the late-fusion model."""
 
 from __future__ import annotations
 
+import copy
 import gzip
 import math
 import struct
@@ -320,3 +321,22 @@ def test_fusion_missing_branch_gets_no_gradient(fusion_model):
     m(img, torch.zeros(3, 1, 40, 48)).sum().backward()
     assert all(p.grad is None or p.grad.abs().sum() == 0 for p in m.audio_branch.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.image_branch.parameters())
+
+
+def test_fusion_batchnorm_sees_present_samples_only():
+    """A dropped (all-zero) input never reaches a branch: its BatchNorm statistics in a
+    mixed batch are those of the present samples alone, and its output row is zero."""
+    torch.manual_seed(0)
+    a = create("fusion", num_classes=10, image_size=28, audio_size=(40, 48), width=4, dim=16)
+    b = copy.deepcopy(a)
+    aud = torch.randn(6, 1, 40, 48) + 2.0
+    mixed = aud.clone()
+    mixed[::2] = 0  # rows 0, 2, 4 dropped
+    a.train()
+    b.train()
+    out = a.audio_branch(mixed)
+    b.audio_branch(aud[1::2])
+    bn_a, bn_b = a.audio_branch.stage1[1], b.audio_branch.stage1[1]
+    assert torch.allclose(bn_a.running_mean, bn_b.running_mean, atol=1e-6)
+    assert torch.allclose(bn_a.running_var, bn_b.running_var, atol=1e-6)
+    assert (out[::2] == 0).all() and (out[1::2] != 0).any()

@@ -168,6 +168,58 @@ def _shakespeare_pair(split, root=None, split_seed=0, **params):
 
 
 @DATASETS.register(
+    "shakespeare_turns",
+    description="tiny Shakespeare speaker turns paired with the turn that answers them, "
+    "split by contiguous blocks of turns (text retrieval)",
+    splits=True,
+    task="retrieval",
+)
+def _shakespeare_turns(
+    split,
+    root: str | None = None,
+    split_seed: Seed = 0,
+    tokenizer: Literal["minilm", "bpe", "char"] = "minilm",
+    vocab_size: Count = 2000,
+    max_tokens: Count = 48,
+    block_turns: Count = 40,
+    max_chars: Count | None = None,
+    cache_dir: str = "runs/cache/tokenizers",
+):
+    from .turns import shakespeare_turns
+
+    return shakespeare_turns(split, root=root, tokenizer=tokenizer, vocab_size=vocab_size,
+                             max_tokens=max_tokens, block_turns=block_turns,
+                             split_seed=split_seed, max_chars=max_chars, cache_dir=cache_dir)
+
+
+@DATASETS.register(
+    "digit_captions",
+    description="MNIST or sklearn digits images with captions from templates and attributes "
+    "measured on each image (thickness, slant, size, position); zero_shot: test on unseen 5-9",
+    splits=True,
+    task="retrieval",
+)
+def _digit_captions(
+    split,
+    root: str | None = None,
+    split_seed: Seed = 0,
+    images: Literal["mnist", "digits"] = "mnist",
+    captions: Count = 3,
+    seed: Seed = 0,
+    zero_shot: bool = False,
+    limit: Count | None = None,
+    tokenizer: Literal["minilm", "bpe", "char"] = "minilm",
+    max_tokens: Count = 24,
+    cache_dir: str = "runs/cache/tokenizers",
+):
+    from .captions import digit_captions
+
+    return digit_captions(split, images=images, root=root, split_seed=split_seed,
+                          captions=captions, seed=seed, zero_shot=zero_shot, limit=limit,
+                          tokenizer=tokenizer, max_tokens=max_tokens, cache_dir=cache_dir)
+
+
+@DATASETS.register(
     "canvas",
     description="64x64 canvases of 1-4 MNIST digits with per-pixel class maps (11 classes)",
     splits=True,

