@@ -98,6 +98,34 @@ class ModalityDropout(Stage):
         return batch
 
 
+@PREPARES.register("pick_caption", description="one of each sample's captions, drawn per step")
+class PickCaption(Stage):
+    """Keys holding several captions per sample, ``(B, C, L)`` (``digit_captions``): keep one
+    caption per sample, drawn uniformly each step from the seeded generator, the same index
+    for every listed key (ids and their mask). Evaluation reads all C (the model averages)."""
+
+    def __init__(self, keys: list[str] = ("caption_ids", "caption_mask")):
+        super().__init__()
+        if not keys:
+            raise ConfigError("prepare.keys", keys, "one or more batch keys")
+        self.keys = list(keys)
+
+    def forward(self, batch, state):
+        missing = [k for k in self.keys if k not in batch]
+        if missing:
+            raise ConfigError("prepare.keys", missing[0], f"batch keys: {', '.join(sorted(batch))}")
+        first = batch[self.keys[0]]
+        if first.dim() != 3 or any(batch[k].shape[:2] != first.shape[:2] for k in self.keys):
+            raise ConfigError("prepare.keys", {k: tuple(batch[k].shape) for k in self.keys},
+                              "(B, C, L) tensors with the same B and C")
+        g = state.generator
+        pick = torch.randint(0, first.shape[1], (first.shape[0],), generator=g, device=g.device)
+        rows = torch.arange(first.shape[0], device=first.device)
+        for k in self.keys:
+            batch[k] = batch[k][rows, pick.to(first.device)]
+        return batch
+
+
 @PREPARES.register("gaussian_noise", description="add seeded Gaussian noise to a key")
 class GaussianNoise(Stage):
     """``x + std * N(0, 1)`` on batch key ``key`` (robustness, noisy-student style)."""

@@ -59,3 +59,4 @@ def tap_paths(model: nn.Module) -> list[str]:
     return [path for path, _ in model.named_modules() if path]
 from . import bida as _bida  # noqa: E402,F401  (registers bida)
 from . import seq as _seq  # noqa: E402,F401  (registers seq2seq)
+from . import dual as _dual  # noqa: E402,F401  (registers dual-encoder)

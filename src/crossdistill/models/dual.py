@@ -1,0 +1,152 @@
+"""Dual encoders: an image tower and a text tower embedding into one space (CLIP's shape).
+
+``DualEncoder(image, text, dim)``: ``image`` is a zoo classifier whose classifier (its
+``feature_path`` Linear) is replaced by a projection to ``dim`` (tap ``image.<feature_path>``),
+``text`` a :class:`TextTower` (tap ``text_out``: one text embedding per sample). ``forward(image, ids, mask)`` returns
+``(image embedding, text embedding)``, unnormalised; the ``clip`` / ``affinity`` losses and
+the retrieval task normalise. Text of shape (B, C, L) (several captions per image) is
+embedded caption by caption and the unit embeddings averaged, so evaluation uses every
+caption; training picks one caption per image with the ``pick_caption`` stage.
+
+Text towers: :func:`minilm_tower` (the pretrained all-MiniLM-L6-v2, frozen or fine-tuned:
+the CLIP-style teacher's text side) and :func:`bert_tower` (a small BERT from a config,
+random init: a student's text side). Both pool by the mean over attended tokens, as
+sentence-transformers does for MiniLM.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+from ..registry import MODELS
+from ..schema import Count, Depth, Width
+from .mlp import tag
+
+
+class TextTower(nn.Module):
+    """An HF encoder over token ids, mean-pooled over the attention mask, then ``proj``."""
+
+    def __init__(self, encoder: nn.Module, dim: int | None = None, trainable: bool = True):
+        super().__init__()
+        self.encoder = encoder
+        hidden = int(encoder.config.hidden_size)
+        self.proj = nn.Linear(hidden, dim) if dim else nn.Identity()
+        self.trainable = bool(trainable)
+        if not trainable:
+            for p in self.encoder.parameters():
+                p.requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if not self.trainable:  # a frozen encoder stays in eval mode (no dropout)
+            self.encoder.eval()
+        return self
+
+    def forward(self, ids: Tensor, mask: Tensor | None = None) -> Tensor:
+        if mask is None:
+            mask = torch.ones_like(ids)
+        h = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        m = mask.unsqueeze(-1).to(h.dtype)
+        return self.proj((h * m).sum(1) / m.sum(1).clamp_min(1e-9))
+
+
+def minilm_tower(dim: int | None = None, trainable: bool = False) -> TextTower:
+    """all-MiniLM-L6-v2 (6 layers, 384 wide) from the ``text`` extra, offline."""
+    import os
+
+    from transformers import AutoModel
+
+    from ..text.minilm import minilm_path
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    enc = AutoModel.from_pretrained(str(minilm_path("model.text")), local_files_only=True)
+    return TextTower(enc, dim, trainable)
+
+
+def bert_tower(vocab_size: int = 30522, n_layer: int = 2, hidden: int = 128, heads: int = 2,
+               max_tokens: int = 64, dim: int | None = None) -> TextTower:
+    """A small BERT (random init from a config; MiniLM's vocabulary by default)."""
+    from transformers import BertConfig, BertModel
+
+    if hidden % heads:
+        raise ConfigError("model.text_heads", heads, f"a divisor of text_hidden ({hidden})")
+    cfg = BertConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=n_layer,
+                     num_attention_heads=heads, intermediate_size=4 * hidden,
+                     max_position_embeddings=max_tokens)
+    return TextTower(BertModel(cfg), dim, trainable=True)
+
+
+class DualEncoder(nn.Module):
+    def __init__(self, image: nn.Module, text: TextTower, dim: int):
+        super().__init__()
+        path = getattr(image, "feature_path", None)
+        head = image.get_submodule(path) if path else None
+        if not isinstance(head, nn.Linear):
+            raise ConfigError("model.image", type(image).__name__,
+                              "a zoo model whose feature_path is a Linear classifier")
+        parent, _, name = path.rpartition(".")
+        setattr(image.get_submodule(parent) if parent else image, name,
+                nn.Linear(head.in_features, dim))
+        if isinstance(text.proj, nn.Identity):
+            text.proj = nn.Linear(int(text.encoder.config.hidden_size), dim)
+        self.image, self.text, self.dim = image, text, dim
+        self.text_out = nn.Identity()  # the text embedding of each sample: the text tap
+        self.image_tap, self.text_tap = f"image.{path}", "text_out"
+
+    def io(self, image="x", ids="caption_ids", mask="caption_mask") -> dict:
+        return {"inputs": {"image": image, "ids": ids, "mask": mask}}
+
+    def embed_text(self, ids: Tensor, mask: Tensor | None = None) -> Tensor:
+        if ids.dim() == 3:  # (B, C, L): the mean of the captions' unit embeddings
+            b, c, n = ids.shape
+            m = mask.reshape(b * c, n) if mask is not None else None
+            e = F.normalize(self.text(ids.reshape(b * c, n), m), dim=-1)
+            return self.text_out(e.view(b, c, -1).mean(1))
+        return self.text_out(self.text(ids, mask))
+
+    def forward(self, image: Tensor, ids: Tensor, mask: Tensor | None = None):
+        return self.image(image), self.embed_text(ids, mask)
+
+
+@MODELS.register(
+    "dual-encoder",
+    family="dual",
+    description="an image tower (a zoo model) and a text tower (pretrained MiniLM or a small "
+    "BERT) projected into one embedding space (CLIP-style)",
+    paper="Radford et al., Learning Transferable Visual Models From Natural Language "
+    "Supervision, 2021",
+)
+def dual_encoder(
+    *,
+    num_classes: Count = 10,
+    in_channels: Width = 1,
+    img_size: int = 28,
+    image: str = "cnn",
+    text: str = "bert",
+    dim: Width = 128,
+    text_layers: Depth = 2,
+    text_hidden: Width = 128,
+    text_heads: Width = 2,
+    text_trainable: bool = True,
+    max_tokens: Width = 64,
+) -> nn.Module:
+    """``image``: a zoo model name (built at ``img_size``); ``text``: ``"minilm"`` (the
+    pretrained encoder, ``text_trainable`` false = frozen) or ``"bert"`` (``text_layers`` x
+    ``text_hidden``, MiniLM's vocabulary). ``num_classes`` only sizes the image model's
+    classifier, which the projection replaces."""
+    from . import create
+
+    if text not in ("minilm", "bert"):
+        raise ConfigError("model.text", text, "minilm or bert")
+    if image == "dual-encoder":
+        raise ConfigError("model.image", image, "an image model of the zoo")
+    img = create(image, num_classes=num_classes, in_channels=in_channels, img_size=img_size)
+    tower = (minilm_tower(trainable=text_trainable) if text == "minilm"
+             else bert_tower(n_layer=text_layers, hidden=text_hidden, heads=text_heads,
+                             max_tokens=max_tokens))
+    model = DualEncoder(img, tower, dim)
+    stages = [f"image.{s}" for s in getattr(img, "stages", [])]
+    return tag(model, family="dual", stages=stages, feature_path=model.image_tap)
