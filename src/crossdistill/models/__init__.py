@@ -58,5 +58,5 @@ def tap_paths(model: nn.Module) -> list[str]:
     """All named submodule paths of ``model`` (the root ``''`` excluded), in definition order."""
     return [path for path, _ in model.named_modules() if path]
 from . import bida as _bida  # noqa: E402,F401  (registers bida)
-from . import seq as _seq  # noqa: E402,F401  (registers seq2seq)
 from . import dual as _dual  # noqa: E402,F401  (registers dual-encoder)
+from . import seq as _seq  # noqa: E402,F401  (registers seq2seq)

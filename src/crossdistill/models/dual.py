@@ -2,7 +2,8 @@
 
 ``DualEncoder(image, text, dim)``: ``image`` is a zoo classifier whose classifier (its
 ``feature_path`` Linear) is replaced by a projection to ``dim`` (tap ``image.<feature_path>``),
-``text`` a :class:`TextTower` (tap ``text_out``: one text embedding per sample). ``forward(image, ids, mask)`` returns
+``text`` a :class:`TextTower` (tap ``text_out``: one text embedding per
+sample). ``forward(image, ids, mask)`` returns
 ``(image embedding, text embedding)``, unnormalised; the ``clip`` / ``affinity`` losses and
 the retrieval task normalise. Text of shape (B, C, L) (several captions per image) is
 embedded caption by caption and the unit embeddings averaged, so evaluation uses every
