@@ -103,3 +103,24 @@ def test_minilm_tower_is_frozen_and_pretrained():
                                           dim=-1)
     ref = minilm.encode([t[0] for t in d.texts], backend="st")
     assert torch.allclose(e, ref, atol=1e-4)  # the same sentence embeddings as MiniLM's own
+
+
+def test_zero_shot_classifier_scores_only_its_classes(captions):
+    from crossdistill.data.captions import class_prompts
+    from crossdistill.models.dual import ZeroShotClassifier
+
+    tr, va = captions
+    m = _model(len(tr.tokenizer)).eval()
+    ids, mask = class_prompts(tr.tokenizer, range(5, 10), max_tokens=48)
+    zs = ZeroShotClassifier(m, ids, mask, classes=range(5, 10))
+    with torch.no_grad():
+        logits = zs(va["x"][:6])
+        img = torch.nn.functional.normalize(m.image(va["x"][:6]), dim=-1)
+        txt = torch.nn.functional.normalize(m.text(ids, mask), dim=-1)
+    assert logits.shape == (6, 10) and torch.isinf(logits[:, :5]).all()
+    assert torch.allclose(logits[:, 5:], img @ txt.T / 0.01, atol=1e-4)
+    assert set(logits.argmax(1).tolist()) <= set(range(5, 10))
+    res = cd.evaluate(zs, va, io={"inputs": ["x"]})  # the classification task as it is
+    assert 0.0 <= res["acc"] <= 1.0
+    with pytest.raises(ConfigError, match="zero_shot.classes"):
+        ZeroShotClassifier(m, ids, mask, classes=range(3))

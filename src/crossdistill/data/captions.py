@@ -49,6 +49,15 @@ def class_captions(classes=range(10), template: str = CLASS_TEMPLATE) -> list[st
     return [template.format(digit=NAMES[c]) for c in classes]
 
 
+def class_prompts(tokenizer, classes=range(10), max_tokens: int = 24,
+                  template: str = CLASS_TEMPLATE) -> tuple[torch.Tensor, torch.Tensor]:
+    """(K, max_tokens) ids and mask of the class-name captions of ``classes``, for
+    :class:`crossdistill.models.dual.ZeroShotClassifier`."""
+    from .turns import _ids
+
+    return _ids(tokenizer, class_captions(classes, template), max_tokens)
+
+
 def measure(x: torch.Tensor) -> dict[str, np.ndarray]:
     """The attributes of images ``x`` (N, 1, H, W) or (N, H, W), raw intensities >= 0."""
     x = x.reshape(len(x), *x.shape[-2:]).float()

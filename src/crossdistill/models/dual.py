@@ -151,3 +151,32 @@ def dual_encoder(
     model = DualEncoder(img, tower, dim)
     stages = [f"image.{s}" for s in getattr(img, "stages", [])]
     return tag(model, family="dual", stages=stages, feature_path=model.image_tap)
+
+
+class ZeroShotClassifier(nn.Module):
+    """A dual encoder as a classifier over class prompts (CLIP's zero-shot use):
+    ``forward(image) -> (B, num_classes)`` logits ``cos(image embedding, prompt embedding) /
+    temperature`` for the prompts' ``classes``, ``-inf`` for every other class (so argmax,
+    accuracy and CE of the classification task see only the candidates: unseen 5-9 say).
+    ``prompt_ids`` / ``prompt_mask``: (K, L) token ids of one prompt per class, e.g. from
+    :func:`crossdistill.data.captions.class_prompts`."""
+
+    def __init__(self, dual: DualEncoder, prompt_ids: Tensor, prompt_mask: Tensor | None = None,
+                 classes=None, num_classes: int = 10, temperature: float = 0.01):
+        super().__init__()
+        classes = list(range(len(prompt_ids)) if classes is None else classes)
+        if len(classes) != len(prompt_ids) or not all(0 <= c < num_classes for c in classes):
+            raise ConfigError("zero_shot.classes", classes,
+                              f"one class in [0, {num_classes}) per prompt ({len(prompt_ids)})")
+        self.dual, self.num_classes, self.temperature = dual, num_classes, float(temperature)
+        self.register_buffer("prompt_ids", prompt_ids.clone(), persistent=False)
+        mask = prompt_mask if prompt_mask is not None else torch.ones_like(prompt_ids)
+        self.register_buffer("prompt_mask", mask.clone(), persistent=False)
+        self.register_buffer("classes", torch.tensor(classes), persistent=False)
+
+    def forward(self, image: Tensor) -> Tensor:
+        img = F.normalize(self.dual.image(image), dim=-1)
+        txt = F.normalize(self.dual.embed_text(self.prompt_ids, self.prompt_mask), dim=-1)
+        out = img.new_full((len(img), self.num_classes), float("-inf"))
+        out[:, self.classes] = img @ txt.T / self.temperature
+        return out
