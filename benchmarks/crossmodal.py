@@ -690,6 +690,17 @@ def tables(st, P) -> str:
     return "\n\n".join(parts)
 
 
+def _cache_note(res: dict) -> str:
+    """Which teachers this run trained and which it read from the cache (a cached teacher
+    costs no wall time: the budget of a fresh clone includes training it)."""
+    cached = sorted(n for n, m in res["teachers"].items() if m.get("wall_seconds", 0) < 1)
+    if not cached:
+        return ""
+    cost = sum(m.get("seconds", 0) for n, m in res["teachers"].items() if n in cached)
+    return (f" Teachers read from the cache: {', '.join(cached)} (training them took "
+            f"{cost / 60:.1f} worker-min where recorded).")
+
+
 def markdown(res: dict) -> str:
     cfg = res["config"]
     lines = [
@@ -699,7 +710,7 @@ def markdown(res: dict) -> str:
         + (" **--quick (smoke run: not a result)**" if cfg["quick"] else "")
         + f". Wall time {res['wall_seconds'] / 60:.1f} min, {cfg['workers']} worker(s) x "
         f"{cfg['threads']} thread(s); mean +- std over {cfg['seeds']} seed(s); checkpoints "
-        "chosen on val, test read once. Accuracy and error rates in %.",
+        "chosen on val, test read once. Accuracy and error rates in %." + _cache_note(res),
         "",
         *([f"**Incomplete: {len(res['runs_not_run'])} of {res['runs_planned']} runs not run "
            "(past --max-minutes; a rerun resumes them).**", ""] if res["runs_not_run"] else []),
