@@ -117,3 +117,16 @@ def test_config_rejects_a_negative_sample():
     assert validate({**raw, "train": {"precise_bn": 512}}).train.precise_bn == 512
     with pytest.raises(ConfigError, match="train.precise_bn"):
         validate({**raw, "train": {"precise_bn": -1}})
+
+
+def test_needs_a_dataset_train_split():
+    from torch.utils.data import DataLoader
+
+    from crossdistill.errors import ConfigError
+
+    data = _data()
+    loader = DataLoader([{"x": data.x[i], "y": data.y[i], "idx": data.idx[i]}
+                         for i in range(len(data))], batch_size=16)
+    d = cd.Distiller(_model(), None, [cd.Term("ce")], seed=0)
+    with pytest.raises(ConfigError, match="train.precise_bn"):
+        cd.Trainer(d, loader, None, epochs=1, progress=False, precise_bn=100).fit()

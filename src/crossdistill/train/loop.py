@@ -129,6 +129,12 @@ class Trainer:
                 c.batch_size,
                 f"the global batch must divide by the {self.dist.world} processes",
             )
+        if c.precise_bn and not isinstance(self.train_data, Dataset):
+            raise ConfigError(
+                "train.precise_bn", c.precise_bn,
+                "0 for a train split that is not a crossdistill Dataset (precise BN draws a "
+                f"fixed sample from it; got {type(self.train_data).__name__})",
+            )
         if c.deterministic:  # CPU runs are deterministic already; CUDA needs this for exactness
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)
@@ -647,7 +653,7 @@ class Trainer:
     def _precise_bn(self) -> None:
         """Recompute the student's BN statistics on a fixed train sample (``precise_bn``)."""
         n = self.cfg.precise_bn
-        if not n or not isinstance(self.train_data, Dataset):
+        if not n:
             return
         from .. import tasks
         from ..adapters import ModelIO
