@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..registry import LOSSES
-from ..schema import Temperature
+from ..schema import Pos
 
 
 def _world() -> tuple[int, int]:
@@ -122,7 +122,7 @@ class CLIPLoss(nn.Module):
     temperature (init ``temperature``)."""
 
     def __init__(self, s_shapes, t_shapes=None, *, num_samples=None,
-                 temperature: Temperature = 0.07, learn_temperature: bool = True):
+                 temperature: Pos = 0.07, learn_temperature: bool = True):
         super().__init__()
         _embed_dims_match(*_pair(s_shapes, "clip.student"), "clip.student")
         self.scale = _Scale(temperature)
@@ -148,7 +148,7 @@ class AffinityLoss(nn.Module):
     100: ``teacher_temperature=0.01``)."""
 
     def __init__(self, s_shapes, t_shapes, *, num_samples=None,
-                 temperature: Temperature = 0.07, teacher_temperature: Temperature = 0.01):
+                 temperature: Pos = 0.07, teacher_temperature: Pos = 0.01):
         super().__init__()
         _embed_dims_match(*_pair(s_shapes, "affinity.student"), "affinity.student")
         _embed_dims_match(*_pair(t_shapes, "affinity.teacher"), "affinity.teacher")
