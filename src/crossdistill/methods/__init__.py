@@ -77,6 +77,7 @@ from . import (  # noqa: E402,F401
     bida,  # noqa: E402,F401
     collaborative,
     crodino,
+    dho,
     inherit,
     mmanet,
     mst,

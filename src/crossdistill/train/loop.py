@@ -199,7 +199,7 @@ class Trainer:
         self._first_batch = first
         self._hooks = {  # callback methods looked up once, not per step
             e: [getattr(cb, e) for cb in self.callbacks if hasattr(cb, e)]
-            for e in ("on_batch_end", "on_step_end", "on_epoch_end")
+            for e in ("on_batch_end", "on_step_end", "on_val_start", "on_epoch_end")
         }
         return self
 
@@ -635,6 +635,8 @@ class Trainer:
             row["skipped_steps"] = st.get("epoch_skipped", 0)
         self._precise_bn()
         if self.val is not None:
+            for f in self._hooks["on_val_start"]:  # e.g. a test-time setting chosen on val
+                f(self)
             v = self.evaluate(self.val)
             row.update({f"val_{k}": x for k, x in v.items() if isinstance(x, float)})
             bad = [k for k, x in v.items() if isinstance(x, float) and not math.isfinite(x)]
