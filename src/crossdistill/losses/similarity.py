@@ -3,8 +3,7 @@
 A dual encoder embeds both sides of each pair (image and caption, a line and its answer);
 its losses compare every query with every key of the *global* batch. Under torch.distributed
 each rank holds ``B`` local rows; :func:`gather` all-gathers the keys with their gradients
-(``torch.distributed.nn.functional.all_gather``: the backward sends each rank the gradient
-of its own rows), and every loss scores the local rows against the gathered keys, so that
+(the backward sums the ranks' gradients and keeps each rank's own rows), and every loss scores the local rows against the gathered keys, so that
 the mean over ranks of the local losses is the single-process loss of the global batch and
 DDP's gradient averaging gives its gradient (tested with 2 gloo processes).
 
@@ -38,15 +37,32 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
+class _AllGather(torch.autograd.Function):
+    """All-gather with a gradient: the backward sums every rank's gradient of the gathered
+    tensor and keeps this rank's rows (each rank's loss reads every rank's rows)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        d = torch.distributed
+        parts = [torch.empty_like(x) for _ in range(d.get_world_size())]
+        d.all_gather(parts, x.contiguous())
+        ctx.rank, ctx.n = d.get_rank(), x.shape[0]
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        grad = grad.contiguous().clone()
+        torch.distributed.all_reduce(grad)
+        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
+
+
 def gather(x: Tensor) -> tuple[Tensor, int]:
     """``(rows of every rank in rank order, index of this rank's first row)``; the identity
     in one process. Every rank must hold the same number of rows."""
     rank, world = _world()
     if world == 1:
         return x, 0
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(x.contiguous())), rank * x.shape[0]
+    return _AllGather.apply(x), rank * x.shape[0]
 
 
 def _logits(q: Tensor, k: Tensor, scale: Tensor | float) -> Tensor:
