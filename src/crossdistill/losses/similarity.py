@@ -3,9 +3,10 @@
 A dual encoder embeds both sides of each pair (image and caption, a line and its answer);
 its losses compare every query with every key of the *global* batch. Under torch.distributed
 each rank holds ``B`` local rows; :func:`gather` all-gathers the keys with their gradients
-(the backward sums the ranks' gradients and keeps each rank's own rows), and every loss scores the local rows against the gathered keys, so that
-the mean over ranks of the local losses is the single-process loss of the global batch and
-DDP's gradient averaging gives its gradient (tested with 2 gloo processes).
+(the backward sums the ranks' gradients and keeps each rank's own rows), and every loss
+scores the local rows against the gathered keys, so that the mean over ranks of the local
+losses is the single-process loss of the global batch and DDP's gradient averaging gives its
+gradient (tested with 2 gloo processes).
 
 - ``clip``: the symmetric InfoNCE of CLIP (Radford et al., "Learning Transferable Visual
   Models From Natural Language Supervision", ICML 2021, Fig. 3):
