@@ -130,7 +130,9 @@ def _images(name: str, split: str, root, split_seed: int, limit):
 
 def caption_pairs(split: str, *, images: str = "mnist", root=None, split_seed: int = 0,
                   captions: int = 3, seed: int = 0, zero_shot: bool = False, limit=None):
-    """(raw image dataset, captions per image (list of lists), words, attributes)."""
+    """(raw image dataset, captions per image (list of lists), words, attributes). The word
+    cut points come from the train split (as ``limit`` keeps it, for the train split itself),
+    the dataset's ``info["train_mean"]`` / ``["train_std"]`` from the whole train split."""
     from . import SPLITS
 
     if split not in SPLITS:
@@ -140,9 +142,11 @@ def caption_pairs(split: str, *, images: str = "mnist", root=None, split_seed: i
         raise ConfigError("data.captions", captions, f"an integer in 1..{len(TEMPLATES)}")
     if not isinstance(zero_shot, bool):
         raise ConfigError("data.zero_shot", zero_shot, "true or false")
-    data = _images(images, split, root, split_seed, limit)
-    train = data if split == "train" else _images(images, "train", root, split_seed, None)
-    cuts = cut_points(measure(train.x))
+    train = _images(images, "train", root, split_seed, None)
+    data = train if split == "train" and limit is None else _images(
+        images, split, root, split_seed, limit)
+    cuts = cut_points(measure((data if split == "train" else train).x))
+    data.info.update(train_mean=float(train.x.mean()), train_std=float(train.x.std()))
     if zero_shot:
         keep = UNSEEN if split == "test" else SEEN
         sel = torch.isin(data.y, torch.tensor(keep)).nonzero().flatten()
@@ -172,12 +176,12 @@ def digit_captions(split: str, *, images: str = "mnist", root=None, split_seed: 
     ``data.texts``, the attribute words on ``data.words``."""
     from .turns import _ids, _tokenizer
 
-    data, texts, ws, attrs = caption_pairs(split, images=images, root=root,
-                                           split_seed=split_seed, captions=captions,
-                                           seed=seed, zero_shot=zero_shot, limit=limit)
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not (
             4 <= max_tokens <= 512):
         raise ConfigError("data.max_tokens", max_tokens, "an integer in 4..512")
+    data, texts, ws, attrs = caption_pairs(split, images=images, root=root,
+                                           split_seed=split_seed, captions=captions,
+                                           seed=seed, zero_shot=zero_shot, limit=limit)
     train_text = ""
     if tokenizer != "minilm":  # trained on every caption a template can write
         train_text = "\n".join(t.format(digit=d, thickness=k, size=s, slant=sl, position=p)
@@ -190,8 +194,7 @@ def digit_captions(split: str, *, images: str = "mnist", root=None, split_seed: 
     flat = [t for ts in texts for t in ts]
     ids, mask = _ids(tok, flat, max_tokens)
     n, c = len(texts), captions
-    stats = _images(images, "train", root, split_seed, None).x
-    mean, std = float(stats.mean()), float(stats.std())
+    mean, std = data.info["train_mean"], data.info["train_std"]
     out = Dataset(
         {"x": (data.x - mean) / std, "y": data.y, "idx": data.idx,
          "caption_ids": ids.view(n, c, -1), "caption_mask": mask.view(n, c, -1),

@@ -107,9 +107,12 @@ def shakespeare_turns(split: str, *, root=None, tokenizer: str = "minilm",
         raise ConfigError("data.max_tokens", max_tokens, "an integer in 4..512")
     pairs = turn_pairs(split, root=root, block_turns=block_turns, split_seed=split_seed,
                        max_chars=max_chars)
-    train_text = "\n".join(q for q, _ in turn_pairs(
-        "train", root=root, block_turns=block_turns, split_seed=split_seed,
-        max_chars=max_chars)) if tokenizer != "minilm" else ""
+    train_text = ""
+    if tokenizer != "minilm":  # a tokenizer trained here reads the train turns only
+        train = pairs if split == "train" else turn_pairs(
+            "train", root=root, block_turns=block_turns, split_seed=split_seed,
+            max_chars=max_chars)
+        train_text = "\n".join(q for q, _ in train)
     tok = _tokenizer(tokenizer, train_text, vocab_size, cache_dir)
     if tok.pad_token_id is None:
         raise ConfigError("data.tokenizer", tokenizer, "a tokenizer with a pad token")

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from ..distiller import Term
 from ..errors import ConfigError
+from ..models.mlp import replace_head
 from ..registry import METHODS
 from ..schema import NonNeg, Temperature, Width
 from ..text.minilm import MINILM, encode
@@ -122,12 +123,8 @@ class AnchorHead(nn.Module):
 
 
 def _swap_head(model: nn.Module, make, field: str) -> nn.Module:
-    path = getattr(model, "feature_path", None)
-    head = model.get_submodule(path) if path else None
-    if not isinstance(head, nn.Linear):
-        raise ConfigError(field, type(model).__name__, "a zoo model whose feature_path is a Linear")
-    parent, _, name = path.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, name, make(head.in_features))
+    """``model`` with its classifier replaced by ``make(in_features)``."""
+    replace_head(model, lambda head: make(head.in_features), field)
     return model
 
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..models.mlp import replace_head
 from ..registry import METHODS
 from ..schema import NonNeg, Temperature
 
@@ -39,13 +40,7 @@ class DualHead(nn.Module):
 
     def __init__(self, model: nn.Module):
         super().__init__()
-        path = getattr(model, "feature_path", None)
-        head = model.get_submodule(path) if path else None
-        if not isinstance(head, nn.Linear):
-            raise ConfigError("method.student", type(model).__name__,
-                              "a zoo classifier whose feature_path is a Linear head")
-        parent, _, name = path.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, name, nn.Identity())
+        head = replace_head(model, lambda _: nn.Identity(), "method.student")
         self.trunk, self.head_ce, self.head_kd = model, head, copy.deepcopy(head)
         self.register_buffer("mix_a", torch.tensor(0.5))
         self.register_buffer("mix_b", torch.tensor(1.0))
@@ -78,10 +73,10 @@ class ChooseMix:
 
     @torch.no_grad()
     def choose(self, device="cpu") -> tuple[float, float, float]:
-        from ..adapters import ModelIO
         from ..data.loaders import eval_batches
+        from ..train.loop import eval_io
 
-        io = ModelIO.parse(self.io, "student").with_defaults(["x"], -1)
+        _, io = eval_io("classification", self.io)
         was = self.model.training
         self.model.eval()
         ces, kds, ys = [], [], []

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from ..registry import MODELS
 from ..schema import Count, Depth, Width
-from .mlp import tag
+from .mlp import replace_head, tag
 
 
 class TextTower(nn.Module):
@@ -83,19 +83,12 @@ def bert_tower(vocab_size: int = 30522, n_layer: int = 2, hidden: int = 128, hea
 class DualEncoder(nn.Module):
     def __init__(self, image: nn.Module, text: TextTower, dim: int):
         super().__init__()
-        path = getattr(image, "feature_path", None)
-        head = image.get_submodule(path) if path else None
-        if not isinstance(head, nn.Linear):
-            raise ConfigError("model.image", type(image).__name__,
-                              "a zoo model whose feature_path is a Linear classifier")
-        parent, _, name = path.rpartition(".")
-        setattr(image.get_submodule(parent) if parent else image, name,
-                nn.Linear(head.in_features, dim))
+        replace_head(image, lambda head: nn.Linear(head.in_features, dim), "model.image")
         if isinstance(text.proj, nn.Identity):
             text.proj = nn.Linear(int(text.encoder.config.hidden_size), dim)
         self.image, self.text, self.dim = image, text, dim
         self.text_out = nn.Identity()  # the text embedding of each sample: the text tap
-        self.image_tap, self.text_tap = f"image.{path}", "text_out"
+        self.image_tap, self.text_tap = f"image.{image.feature_path}", "text_out"
 
     def io(self, image="x", ids="caption_ids", mask="caption_mask") -> dict:
         return {"inputs": {"image": image, "ids": ids, "mask": mask}}

@@ -61,6 +61,19 @@ def tag(model: nn.Module, *, family: str, stages: list[str], feature_path: str) 
     return model
 
 
+def replace_head(model: nn.Module, make, field: str) -> nn.Linear:
+    """Put ``make(head)`` in place of a zoo classifier's ``feature_path`` Linear and return
+    the old head (a projection, an identity for a shared trunk, an anchored head...)."""
+    path = getattr(model, "feature_path", None)
+    head = model.get_submodule(path) if path else None
+    if not isinstance(head, nn.Linear):
+        raise ConfigError(field, type(model).__name__,
+                          "a zoo model whose feature_path is a Linear classifier")
+    parent, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, name, make(head))
+    return head
+
+
 def variant(name: str, base, description: str, **fixed):
     """Register ``base`` under ``name`` with some arguments fixed (and no longer accepted)."""
     sig = inspect.signature(base)

@@ -31,6 +31,16 @@ from .metrics import MetricsLog, write_atomic
 from .schedule import lr_at
 
 
+def eval_io(task, io):
+    """(the task, the student's adapter with the task's defaults): how evaluation, and
+    anything that must call the student the same way, reads a batch."""
+    from .. import tasks
+    from ..adapters import ModelIO
+
+    task = tasks.build(task)
+    return task, ModelIO.parse(io, "student").with_defaults(task.inputs, task.class_dim)
+
+
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module,
@@ -48,12 +58,8 @@ def evaluate(
     Under torch.distributed each rank scores every ``world``-th sample (shards padded to equal
     length so collective forwards, e.g. FSDP's, stay in step) and the sums are all-reduced.
     """
-    from .. import tasks
-    from ..adapters import ModelIO
-
     d = dist or D.Dist()
-    task = tasks.build(task)
-    io = ModelIO.parse(io, "student").with_defaults(task.inputs, task.class_dim)
+    task, io = eval_io(task, io)
     was = model.training
     model.eval()
     views = {"": None, **task.views}  # a view: batch -> batch (the task's; e.g. a key zeroed)
@@ -657,16 +663,12 @@ class Trainer:
         n = self.cfg.precise_bn
         if not n:
             return
-        from .. import tasks
-        from ..adapters import ModelIO
         from . import precise_bn as PB
 
         if getattr(self, "_bn_sample", None) is None:
             self._bn_sample = self.train_data.subset(
                 PB.sample_ids(len(self.train_data), n, self.cfg.seed))
-        task = tasks.build(self.distiller.task)
-        io = ModelIO.parse(self.distiller.io, "student").with_defaults(task.inputs,
-                                                                       task.class_dim)
+        _, io = eval_io(self.distiller.task, self.distiller.io)
         bs = self.cfg.batch_size // self.dist.world
         batches = ({k: v.to(self.device) for k, v in b.items()}
                    for b, _ in eval_batches(self._bn_sample, bs, self.dist.rank, self.dist.world))
