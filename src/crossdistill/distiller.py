@@ -676,14 +676,22 @@ class Distiller(nn.Module):
         return batch
 
     # -- structure events -------------------------------------------------------------------
-    def apply_structure(self, op: str, **args) -> None:
+    def apply_structure(self, op: str, *, drop_terms: Sequence[str] = (), **args) -> None:
         """Change the student's structure with a registered structure op (pruning, dropping
         layers, ...). The op is logged, so a resumed run replays it before loading weights;
-        the trainer then rebuilds the optimiser and the projectors."""
+        the trainer then rebuilds the optimiser and the projectors. ``drop_terms``: terms
+        that end with this event (their taps go with it, e.g. pruning gates removed by the
+        final prune)."""
         from .structure import apply
 
+        names = {t.name for t in self.terms}
+        bad = [n for n in drop_terms if n not in names]
+        if bad:
+            raise ConfigError("structure.drop_terms", bad, f"names of terms: {sorted(names)}")
         apply(self.student, op, args)
-        self.structure_log.append({"op": op, **args})
+        self.terms = [t for t in self.terms if t.name not in set(drop_terms)]
+        self.structure_log.append({"op": op, **args, **({"drop_terms": list(drop_terms)}
+                                                          if drop_terms else {})})
         self.structure_changed = True
 
     def replay_structure(self, log: Sequence[Mapping]) -> None:

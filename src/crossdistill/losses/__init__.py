@@ -40,5 +40,6 @@ __all__ = [
 # registers the cross-tokenizer, cross-modal and disentangling losses
 from . import correlation, crossmodal, crosstok, disentangle, domain  # noqa: E402,F401
 from . import libs as _libs  # noqa: E402,F401
+from . import l0 as _l0  # noqa: E402,F401
 from . import similarity as _similarity  # noqa: E402,F401
 from .hetero import CrossAttentionProjector, HFDLoss, TAIDLoss, bsd, dct_mse, dml, ofa, pld  # noqa: E402,F401

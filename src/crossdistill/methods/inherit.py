@@ -94,6 +94,42 @@ def inherit_bert(teacher: nn.Module, student: nn.Module, layers: str = "interval
     return {"layers": picks, "hidden": s["hidden"], "heads": s["heads"], "ffn": s["ffn"]}
 
 
+class L0Schedule:
+    """TinyCLIP's automatic inheritance as a step hook: training is split into
+    ``len(targets)`` pruning stages over the first ``prune_until`` of the steps. In stage
+    ``k`` the gates' size target falls linearly from the last stage's to ``targets[k]``
+    (reached at 80 % of the stage); at its end the encoder keeps the units of the largest
+    gates up to that size (``l0_prune``, a logged structure event, so a resume replays it)
+    and gets fresh gates, except after the last stage, which removes them and the budget
+    term: the rest of training distils into the pruned, plain encoder."""
+
+    def __init__(self, path: str, targets, prune_until: float, term: str = "l0"):
+        self.path, self.targets = path, [float(t) for t in targets]
+        self.until, self.term = float(prune_until), term
+
+    def __call__(self, d) -> None:
+        from ..models.l0 import ATTR
+        from ..taps import Tap, resolve
+
+        if not d.total_steps:
+            return
+        done = sum(e["op"] == "l0_prune" for e in d.structure_log)
+        n = len(self.targets)
+        if done >= n:
+            return
+        span = self.until * d.total_steps / n
+        start, end = done * span, (done + 1) * span
+        prev = self.targets[done - 1] if done else 1.0
+        frac = min(1.0, max(0.0, (d.step - start) / (0.8 * span)))
+        gates = resolve(d.student, Tap(f"{self.path}.{ATTR}"), "tinyclip.path")
+        gates.target.fill_(prev + frac * (self.targets[done] - prev))
+        if d.step >= end:
+            keep = gates.keep(self.targets[done])
+            last = done == n - 1
+            d.apply_structure("l0_prune", path=self.path, heads=keep["heads"], ffn=keep["ffn"],
+                              regate=not last, drop_terms=[self.term] if last else [])
+
+
 @METHODS.register(
     "tinyclip",
     paper="TinyCLIP: CLIP Distillation via Affinity Mimicking and Weight Inheritance",
@@ -109,12 +145,23 @@ def tinyclip(
     alpha: NonNeg = 1.0,
     temperature: Pos = 0.07,
     teacher_temperature: Pos = 0.01,
+    auto: bool = False,
+    targets: list[float] = (0.5,),
+    prune_until: float = 0.5,
+    budget_weight: Pos = 1.0,
 ):
     """TinyCLIP for two :class:`~crossdistill.models.dual.DualEncoder` (Wu et al., 2023,
     Eq. 2-4): ``alpha * L_affinity + (1 - alpha) * L_clip`` (the paper's default ``alpha =
     1``: affinity mimicking alone), with the student's text tower first inheriting the
     teacher's leading weights when both are BERT-style (``inherit``; :func:`inherit_bert`,
-    at recipe build time, so a resume loads its checkpoint over it)."""
+    at recipe build time, so a resume loads its checkpoint over it).
+
+    ``auto``: automatic inheritance (Sec. 3.2; :mod:`crossdistill.models.l0`): the student's
+    text tower, of the teacher's shape, starts as an exact copy of the teacher's, gets L0
+    gates on heads and FFN channels with the ``l0_budget`` Lagrangian (``budget_weight``),
+    and is pruned in ``len(targets)`` stages to ``targets`` x its size (fractions of the
+    encoder's gated weights, decreasing) over the first ``prune_until`` of training
+    (:class:`L0Schedule`)."""
     from ..distiller import Term
     from ..models.dual import DualEncoder
     from . import Recipe
@@ -125,7 +172,31 @@ def tinyclip(
     if alpha > 1:
         raise ConfigError("tinyclip.alpha", alpha, "a weight in [0, 1]")
     note = "tinyclip: affinity mimicking"
-    if inherit:
+    hooks, extra = [], []
+    if auto:
+        from ..models.l0 import ATTR, attach
+
+        ts = [float(t) for t in targets]
+        if not ts or any(not 0 < t < 1 for t in ts) or ts != sorted(ts, reverse=True):
+            raise ConfigError("tinyclip.targets", list(targets),
+                              "decreasing size fractions in (0, 1), e.g. [0.5, 0.25]")
+        if not 0 < prune_until <= 1:
+            raise ConfigError("tinyclip.prune_until", prune_until, "a fraction in (0, 1]")
+        t_cfg = _cfg(teacher.text.encoder, "inherit.teacher")
+        s_cfg = _cfg(student.text.encoder, "inherit.student")
+        if t_cfg != s_cfg:
+            diff = {k: s_cfg[k] for k in s_cfg if s_cfg[k] != t_cfg[k]}
+            raise ConfigError("tinyclip.auto", diff, "a student text tower of the teacher's "
+                              f"shape ({t_cfg}): automatic inheritance starts from the "
+                              "teacher and learns what to drop")
+        inherit_bert(teacher.text.encoder, student.text.encoder, "front")
+        attach(student.text.encoder)
+        path = "text.encoder"
+        hooks.append(L0Schedule(path, ts, prune_until))
+        extra.append(Term("l0_budget", student=f"{path}.{ATTR}", teacher=None, name="l0",
+                          weight=float(budget_weight)))
+        note += f", text tower inherited whole and L0-pruned to {ts} of its size"
+    elif inherit:
         kept = inherit_bert(teacher.text.encoder, student.text.encoder, layers)
         note += f", text tower inherited from teacher layers {kept['layers']}"
     s_taps, t_taps = [student.image_tap, student.text_tap], [teacher.image_tap, teacher.text_tap]
@@ -136,4 +207,4 @@ def tinyclip(
     if alpha < 1:
         terms.append(Term("clip", student=s_taps, teacher=None, weight=1.0 - float(alpha),
                           temperature=temperature))
-    return Recipe(terms, note=note)
+    return Recipe(terms + extra, hooks=hooks, note=note)

@@ -60,3 +60,4 @@ def tap_paths(model: nn.Module) -> list[str]:
 from . import bida as _bida  # noqa: E402,F401  (registers bida)
 from . import dual as _dual  # noqa: E402,F401  (registers dual-encoder)
 from . import seq as _seq  # noqa: E402,F401  (registers seq2seq)
+from . import l0 as _l0  # noqa: E402,F401  (registers the l0_gates / l0_prune structure ops)

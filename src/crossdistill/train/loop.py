@@ -499,6 +499,8 @@ class Trainer:
             on_step()
         if getattr(self.distiller, "structure_changed", False):
             self._restructure()
+            # a checkpoint from before the event is another model: it cannot be the best one
+            st["best_val"], st["best_epoch"] = None, -1
 
     # -- NaN/inf ---------------------------------------------------------------------------
     def _step_finite(self) -> bool:
