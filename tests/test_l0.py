@@ -127,7 +127,7 @@ def captions(tmp_path_factory):
 
 
 def _run(s, t, tr, va, out=None, callbacks=(), resume=False):
-    r = build("tinyclip", s, t, auto=True, targets=[0.6, 0.3], prune_until=0.5, inherit=False)
+    r = build("tinyclip", s, t, auto=True, targets=[0.6, 0.3], prune_until=0.5)
     io = s.io()
     task = {"name": "retrieval", "inputs": list(io["inputs"]), "ks": [1, 5]}
     d = cd.Distiller(s, t, r.terms, hooks=r.hooks, io=io, teacher_io=t.io(), task=task,
@@ -155,6 +155,8 @@ def test_tinyclip_auto_prunes_in_stages_and_exports_clean(captions, tmp_path):
     assert not any(m._forward_pre_hooks or m._forward_hooks for m in student.modules())
     assert not any("l0" in k for k in student.state_dict())
     assert res["best_epoch"] >= 2  # epochs before the last prune were another model
+    # the student's text tower started as the teacher's: interval_front keeps layers 0, 1
+    assert "layers [0, 1]" in build("tinyclip", *_duals(vocab=len(tr.tokenizer)), auto=True).note
 
 
 def test_tinyclip_auto_resumes_bit_identical(captions, tmp_path):
@@ -174,7 +176,9 @@ def test_tinyclip_auto_bad_configs():
         build("tinyclip", s, t, auto=True, targets=[0.3, 0.6])
     with pytest.raises(ConfigError, match="tinyclip.prune_until"):
         build("tinyclip", s, t, auto=True, prune_until=0.0)
-    small = DualEncoder(cd.models.create("cnn", num_classes=10, in_channels=1, img_size=8),
-                        bert_tower(vocab_size=64, n_layer=1, hidden=32, heads=4), 16)
+    narrow = DualEncoder(cd.models.create("cnn", num_classes=10, in_channels=1, img_size=8),
+                         bert_tower(vocab_size=64, n_layer=1, hidden=16, heads=2), 16)
     with pytest.raises(ConfigError, match="tinyclip.auto"):
-        build("tinyclip", small, t, auto=True)
+        build("tinyclip", narrow, t, auto=True)
+    r = build("tinyclip", narrow, t, auto=True, inherit=False)  # gates on its own weights
+    assert [x.name for x in r.terms] == ["affinity", "l0"]

@@ -46,6 +46,12 @@ CLASS_TEMPLATE = "a handwritten {digit}"
 
 def class_captions(classes=range(10), template: str = CLASS_TEMPLATE) -> list[str]:
     """The class-name captions of ``classes`` (zero-shot prompts)."""
+    classes = list(classes)
+    bad = [c for c in classes if isinstance(c, bool) or not isinstance(c, (int, np.integer))
+           or not 0 <= c < len(NAMES)]
+    if bad or not classes:
+        raise ConfigError("zero_shot.classes", bad or classes,
+                          f"digit classes with images, in 0..{len(NAMES) - 1}")
     return [template.format(digit=NAMES[c]) for c in classes]
 
 
@@ -183,7 +189,7 @@ def digit_captions(split: str, *, images: str = "mnist", root=None, split_seed: 
                                            split_seed=split_seed, captions=captions,
                                            seed=seed, zero_shot=zero_shot, limit=limit)
     train_text = ""
-    if tokenizer != "minilm":  # trained on every caption a template can write
+    if tokenizer in ("bpe", "char"):  # trained on every caption a template can write
         train_text = "\n".join(t.format(digit=d, thickness=k, size=s, slant=sl, position=p)
                                for t in TEMPLATES for d in NAMES
                                for k in ("thin", "medium", "thick")

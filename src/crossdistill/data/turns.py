@@ -76,8 +76,17 @@ def turn_pairs(split: str, *, root=None, block_turns: int = 40, split_seed: int 
 
 
 def _tokenizer(kind: str, train_text: str, vocab_size: int, cache_dir: str):
+    """``minilm``, ``bpe`` / ``char`` (trained here on the train text), or the path of a
+    user's Hugging Face tokenizer directory (e.g. the student text model's own)."""
+    if not isinstance(kind, str):
+        raise ConfigError("data.tokenizer", kind, f"one of {', '.join(TOKENIZERS)} or a path")
     if kind not in TOKENIZERS:
-        raise ConfigError("data.tokenizer", kind, f"one of {', '.join(TOKENIZERS)}")
+        if "/" in kind or kind.startswith((".", "~")):
+            from ..text.minilm import load_tokenizer
+
+            return load_tokenizer(kind)
+        raise ConfigError("data.tokenizer", kind,
+                          f"one of {', '.join(TOKENIZERS)}, or a tokenizer directory's path")
     if kind == "minilm":
         from transformers import AutoTokenizer
 
@@ -108,7 +117,7 @@ def shakespeare_turns(split: str, *, root=None, tokenizer: str = "minilm",
     pairs = turn_pairs(split, root=root, block_turns=block_turns, split_seed=split_seed,
                        max_chars=max_chars)
     train_text = ""
-    if tokenizer != "minilm":  # a tokenizer trained here reads the train turns only
+    if tokenizer in ("bpe", "char"):  # a tokenizer trained here reads the train turns only
         train = pairs if split == "train" else turn_pairs(
             "train", root=root, block_turns=block_turns, split_seed=split_seed,
             max_chars=max_chars)

@@ -157,11 +157,11 @@ def tinyclip(
     at recipe build time, so a resume loads its checkpoint over it).
 
     ``auto``: automatic inheritance (Sec. 3.2; :mod:`crossdistill.models.l0`): the student's
-    text tower, of the teacher's shape, starts as an exact copy of the teacher's, gets L0
-    gates on heads and FFN channels with the ``l0_budget`` Lagrangian (``budget_weight``),
-    and is pruned in ``len(targets)`` stages to ``targets`` x its size (fractions of the
-    encoder's gated weights, decreasing) over the first ``prune_until`` of training
-    (:class:`L0Schedule`)."""
+    text tower (with ``inherit``: of the teacher's widths, copied from the teacher's
+    ``layers``; without: as the caller initialised it) gets L0 gates on heads and FFN
+    channels with the ``l0_budget`` Lagrangian (``budget_weight``), and is pruned in
+    ``len(targets)`` stages to ``targets`` x its size (fractions of the encoder's gated
+    weights, decreasing) over the first ``prune_until`` of training (:class:`L0Schedule`)."""
     from ..distiller import Term
     from ..models.dual import DualEncoder
     from . import Recipe
@@ -182,20 +182,25 @@ def tinyclip(
                               "decreasing size fractions in (0, 1), e.g. [0.5, 0.25]")
         if not 0 < prune_until <= 1:
             raise ConfigError("tinyclip.prune_until", prune_until, "a fraction in (0, 1]")
-        t_cfg = _cfg(teacher.text.encoder, "inherit.teacher")
-        s_cfg = _cfg(student.text.encoder, "inherit.student")
-        if t_cfg != s_cfg:
-            diff = {k: s_cfg[k] for k in s_cfg if s_cfg[k] != t_cfg[k]}
-            raise ConfigError("tinyclip.auto", diff, "a student text tower of the teacher's "
-                              f"shape ({t_cfg}): automatic inheritance starts from the "
-                              "teacher and learns what to drop")
-        inherit_bert(teacher.text.encoder, student.text.encoder, "front")
-        attach(student.text.encoder)
+        s_enc = getattr(student.text, "encoder", None)
+        s_cfg = _cfg(s_enc, "inherit.student")
+        if inherit:  # start from the teacher's full width (its layers: ``layers``)
+            t_cfg = _cfg(getattr(teacher.text, "encoder", None), "inherit.teacher")
+            diff = {k: s_cfg[k] for k in ("hidden", "heads", "ffn") if s_cfg[k] != t_cfg[k]}
+            if diff:
+                raise ConfigError("tinyclip.auto", diff, "a student text tower of the "
+                                  f"teacher's widths (hidden {t_cfg['hidden']}, heads "
+                                  f"{t_cfg['heads']}, ffn {t_cfg['ffn']}; fewer layers allowed):"
+                                  " automatic inheritance starts from the teacher and learns "
+                                  "what to drop")
+            kept = inherit_bert(teacher.text.encoder, s_enc, layers)
+            note += f", text tower = teacher layers {kept['layers']} at full width"
+        attach(s_enc)
         path = "text.encoder"
         hooks.append(L0Schedule(path, ts, prune_until))
         extra.append(Term("l0_budget", student=f"{path}.{ATTR}", teacher=None, name="l0",
                           weight=float(budget_weight)))
-        note += f", text tower inherited whole and L0-pruned to {ts} of its size"
+        note += f", L0-pruned to {ts} of its size"
     elif inherit:
         kept = inherit_bert(teacher.text.encoder, student.text.encoder, layers)
         note += f", text tower inherited from teacher layers {kept['layers']}"

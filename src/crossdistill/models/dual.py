@@ -36,6 +36,7 @@ class TextTower(nn.Module):
         hidden = int(encoder.config.hidden_size)
         self.proj = nn.Linear(hidden, dim) if dim else nn.Identity()
         self.trainable = bool(trainable)
+        self.checked = False
         if not trainable:
             for p in self.encoder.parameters():
                 p.requires_grad_(False)
@@ -49,6 +50,14 @@ class TextTower(nn.Module):
     def forward(self, ids: Tensor, mask: Tensor | None = None) -> Tensor:
         if mask is None:
             mask = torch.ones_like(ids)
+        if not self.checked:  # once: token ids from another tokenizer index out of range
+            vocab = int(self.encoder.config.vocab_size)
+            top = int(ids.max()) if ids.numel() else 0
+            if top >= vocab or (ids.numel() and int(ids.min()) < 0):
+                raise ConfigError("model.text", f"token id {top}", f"ids below the text "
+                                  f"model's vocabulary of {vocab}: the data's tokenizer must "
+                                  "be the text model's own")
+            self.checked = True
         h = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
         m = mask.unsqueeze(-1).to(h.dtype)
         return self.proj((h * m).sum(1) / m.sum(1).clamp_min(1e-9))
@@ -64,6 +73,24 @@ def minilm_tower(dim: int | None = None, trainable: bool = False) -> TextTower:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     enc = AutoModel.from_pretrained(str(minilm_path("model.text")), local_files_only=True)
+    return TextTower(enc, dim, trainable)
+
+
+def hf_tower(path, dim: int | None = None, trainable: bool = True) -> TextTower:
+    """A user's Hugging Face encoder directory (``save_pretrained``: config, weights and
+    its tokenizer, which the data must use: ``data.tokenizer: <the same path>``)."""
+    from transformers import AutoModel
+
+    from ..text.minilm import hf_dir
+
+    p = hf_dir(path, "model.text", tokenizer=True, model=True)
+    try:
+        enc = AutoModel.from_pretrained(str(p), local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise ConfigError("model.text", str(path), f"a loadable Hugging Face model ({err})") \
+            from None
+    if not hasattr(enc.config, "hidden_size"):
+        raise ConfigError("model.text", str(path), "an encoder with a hidden_size")
     return TextTower(enc, dim, trainable)
 
 
@@ -128,19 +155,25 @@ def dual_encoder(
     max_tokens: Width = 64,
 ) -> nn.Module:
     """``image``: a zoo model name (built at ``img_size``); ``text``: ``"minilm"`` (the
-    pretrained encoder, ``text_trainable`` false = frozen) or ``"bert"`` (``text_layers`` x
-    ``text_hidden``, MiniLM's vocabulary). ``num_classes`` only sizes the image model's
-    classifier, which the projection replaces."""
+    pretrained encoder, ``text_trainable`` false = frozen), ``"bert"`` (``text_layers`` x
+    ``text_hidden``, MiniLM's vocabulary) or a user's Hugging Face encoder directory (with
+    its tokenizer; the data's ``tokenizer`` is then that directory too). ``num_classes`` only
+    sizes the image model's classifier, which the projection replaces."""
     from . import create
 
-    if text not in ("minilm", "bert"):
-        raise ConfigError("model.text", text, "minilm or bert")
+    if not isinstance(text, str) or (text not in ("minilm", "bert") and "/" not in text):
+        raise ConfigError("model.text", text, "minilm, bert, or the path of a Hugging Face "
+                          "encoder directory with its tokenizer")
     if image == "dual-encoder":
         raise ConfigError("model.image", image, "an image model of the zoo")
     img = create(image, num_classes=num_classes, in_channels=in_channels, img_size=img_size)
-    tower = (minilm_tower(trainable=text_trainable) if text == "minilm"
-             else bert_tower(n_layer=text_layers, hidden=text_hidden, heads=text_heads,
-                             max_tokens=max_tokens))
+    if text == "minilm":
+        tower = minilm_tower(trainable=text_trainable)
+    elif text == "bert":
+        tower = bert_tower(n_layer=text_layers, hidden=text_hidden, heads=text_heads,
+                           max_tokens=max_tokens)
+    else:
+        tower = hf_tower(text, trainable=text_trainable)
     model = DualEncoder(img, tower, dim)
     stages = [f"image.{s}" for s in getattr(img, "stages", [])]
     return tag(model, family="dual", stages=stages, feature_path=model.image_tap)

@@ -37,6 +37,10 @@ class Task:
     def check_batch(self, batch: Mapping) -> None:
         """Raise a ConfigError if ``batch`` lacks a key the task reads (first batch)."""
 
+    def check_split(self, data, name: str) -> None:
+        """Raise a ConfigError if evaluation split ``name`` cannot be scored (checked before
+        training, e.g. a retrieval gallery smaller than k)."""
+
     def targets(self, batch: Mapping) -> torch.Tensor | None:
         return batch.get(self.target)
 

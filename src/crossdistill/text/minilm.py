@@ -73,3 +73,35 @@ def encode(texts: list[str], backend: str = "auto", batch_size: int = 64,
         mean = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
         outs.append(F.normalize(mean, dim=-1).float())
     return torch.cat(outs) if outs else torch.zeros(0, DIM)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "spiece.model", "sentencepiece.bpe.model",
+                   "vocab.json")
+
+
+def hf_dir(path, field: str, tokenizer: bool = True, model: bool = False) -> Path:
+    """A user's Hugging Face directory, checked: it exists, holds a tokenizer (``tokenizer``)
+    and a model config (``model``); every defect is one ConfigError naming ``field``."""
+    p = Path(os.path.expanduser(str(path)))
+    if not p.is_dir():
+        raise ConfigError(field, str(path), "minilm, or a Hugging Face model / tokenizer "
+                          "directory that exists")
+    if tokenizer and not any((p / f).is_file() for f in TOKENIZER_FILES):
+        raise ConfigError(field, str(path), "a directory with its tokenizer (one of "
+                          f"{', '.join(TOKENIZER_FILES)}): the tokenizer files are missing, "
+                          "so text cannot be turned into this model's token ids")
+    if model and not (p / "config.json").is_file():
+        raise ConfigError(field, str(path), "a Hugging Face model directory (config.json and "
+                          "weights, e.g. from save_pretrained)")
+    return p
+
+
+def load_tokenizer(path, field: str = "data.tokenizer"):
+    """The tokenizer saved in a user's directory, offline."""
+    from transformers import AutoTokenizer
+
+    p = hf_dir(path, field)
+    try:
+        return AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise ConfigError(field, str(path), f"a loadable Hugging Face tokenizer ({err})") from None
