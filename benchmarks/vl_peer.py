@@ -9,7 +9,8 @@ sentence-transformers' ``MSELoss`` reduces columns). Both frameworks get the sam
 initial weights, teacher targets (computed once), batches of 64 pairs, AdamW (lr 1e-4,
 weight decay 0.01), a cosine schedule without warm-up and 2 epochs; the last epoch is
 kept (sentence-transformers' default: no selection). Both students are then scored by one
-piece of code: text -> text retrieval on the test turns (a line -> its answer, R@1/5/10),
+piece of code: text -> text retrieval on the test turns (a line -> its answer, R@1/5/10, over
+every second pair: consecutive pairs share a turn),
 and the human-judged tier (Lee documents Spearman, WordSim353, SimLex-999, polarity
 linear probe) with MiniLM itself beside them.
 
@@ -240,7 +241,9 @@ def score(tower, P: dict, cache: Path) -> dict:
                        for i in range(0, len(te), 256)])
         g = torch.cat([tower(te["gallery_ids"][i:i + 256], te["gallery_mask"][i:i + 256])
                        for i in range(0, len(te), 256)])
-    out = {f"test_q2g_{k}": v for k, v in recall_at_k(q, g).items()}
+    # consecutive pairs share a turn (pair i's answer is pair i+1's line): every second
+    # pair, so that no query's own text sits in the gallery
+    out = {f"test_q2g_{k}": v for k, v in recall_at_k(q[::2], g[::2]).items()}
     out["test_mse"] = float(0.5 * (((q - tgt[:, 0]) ** 2).mean() + ((g - tgt[:, 1]) ** 2).mean()))
     tok = data(P)[0].tokenizer
 

@@ -12,12 +12,13 @@ ALL = names()
 AUDIO = [n for n in ALL if MODELS.meta(n).get("family") == "audio"]
 # dense (seg), two-input (fusion), sequence (seq2seq), two-domain (bida) and dual-encoder
 # models have their own contracts, in test_canvas / test_av / test_libs / test_bida / test_dual
-OTHER = [n for n in ALL if MODELS.meta(n).get("family") in ("seg", "fusion", "seq", "dual")
-         or n == "bida"]
+OTHER = [n for n in ALL if MODELS.meta(n).get("family") in ("seg", "fusion", "seq", "dual", "vlm")
+         or n == "bida" or n.startswith("pair-")]  # pair-*: two image halves (test_cprd)
 IMAGE = [n for n in ALL if n not in AUDIO and n not in OTHER]
 # Standard teacher-sized architectures; everything else must stay CPU-small.
 LARGE = {"resnet32x4": 8_000_000, "vgg11": 10_000_000, "vgg": 4_000_000, "vgg8": 4_000_000,
-         "dual-encoder": 5_000_000}  # 3.9 M of it: MiniLM's 30,522-token embedding table
+         "dual-encoder": 5_000_000,  # 3.9 M of it: MiniLM's 30,522-token embedding table
+         "cross-encoder": 5_000_000}  # the same table
 
 
 def check_model(model, x, num_classes):

@@ -15,3 +15,5 @@ from . import fyi  # noqa: E402,F401
 from . import harness  # noqa: E402,F401
 
 from . import cvdd, infer, nrr, sre2l  # noqa: E402,F401  (SRe2L family: registers sre2l, cvdd, infer, nrr)
+from . import pairs as _pairs  # noqa: E402,F401  (registers)
+from . import repblend as _repblend  # noqa: E402,F401  (registers)

@@ -127,6 +127,9 @@ def check_hyper(method: str, hyper: dict, field: str = "") -> dict:
     from ..schema import check
 
     cls = CONDENSERS.get(method, "method")
+    if getattr(cls, "data", "images") != "images":  # pair condensers: not from this CLI yet
+        raise ConfigError("method", method, f"a condenser of labelled images; {method!r} "
+                          f"condenses {cls.data} (Python API: condense.pairs.synthesize_pairs)")
     for k in hyper:
         if k in FIXED:
             raise ConfigError(k, hyper[k], f"set {k} at the top level of the config, not here")

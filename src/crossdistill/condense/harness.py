@@ -148,6 +148,9 @@ def synthesize(
 ) -> SyntheticSet:
     """Run a registered condenser on ``train``; meta gets wall time and peak memory."""
     cls = CONDENSERS.get(method, "condense.method")
+    if getattr(cls, "data", "images") != "images":  # e.g. pair condensers (pairs.py)
+        raise ConfigError("condense.method", method, f"a condenser of labelled images; this one "
+                          f"condenses {cls.data} (condense.pairs.synthesize_pairs runs it)")
     if iterations < 0:
         raise ConfigError("condense.iterations", iterations, "must be >= 0")
     cond = cls(

@@ -304,3 +304,8 @@ def load_split(name: str, split: str, *, root=None, split_seed: int = 0, **param
             raise ConfigError("data.params", params, f"bad options for {name!r} ({err})") from None
     return load(name, split, root=root, split_seed=split_seed, **params)
 from . import av_seq as _av_seq  # noqa: E402,F401  (registers av_seq)
+from . import digit_aspects as _digit_aspects  # noqa: E402,F401  (registers)
+from . import digit_vqa as _digit_vqa  # noqa: E402,F401  (registers)
+from . import halves as _halves  # noqa: E402,F401  (registers)
+from . import multisource as _multisource  # noqa: E402,F401  (registers)
+from . import paraphrase as _paraphrase  # noqa: E402,F401  (registers)

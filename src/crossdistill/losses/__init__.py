@@ -39,7 +39,13 @@ __all__ = [
 ]
 # registers the cross-tokenizer, cross-modal and disentangling losses
 from . import correlation, crossmodal, crosstok, disentangle, domain  # noqa: E402,F401
-from . import libs as _libs  # noqa: E402,F401
+from . import gssf as _gssf  # noqa: E402,F401  (registers)
 from . import l0 as _l0  # noqa: E402,F401
+from . import libs as _libs  # noqa: E402,F401
+from . import mllm as _mllm  # noqa: E402,F401  (registers)
+from . import pairs as _pairs  # noqa: E402,F401  (registers)
+from . import prototypes as _prototypes  # noqa: E402,F401  (registers)
+from . import ranking as _ranking  # noqa: E402,F401  (registers)
 from . import similarity as _similarity  # noqa: E402,F401
+from . import vl_classify as _vl_classify  # noqa: E402,F401  (registers)
 from .hetero import CrossAttentionProjector, HFDLoss, TAIDLoss, bsd, dct_mse, dml, ofa, pld  # noqa: E402,F401

@@ -86,4 +86,14 @@ from . import (  # noqa: E402,F401
     scalekd,
     taid,
 )
+from . import cprd as _cprd  # noqa: E402,F401  (registers)
+from . import dcd as _dcd  # noqa: E402,F401  (registers)
+from . import gssf as _gssf  # noqa: E402,F401  (registers)
 from . import libs as _libs  # noqa: E402,F401
+from . import llava_kd as _llava_kd  # noqa: E402,F401  (registers)
+from . import makd as _makd  # noqa: E402,F401  (registers)
+from . import multisource as _multisource  # noqa: E402,F401  (registers)
+from . import proc_kd as _proc_kd  # noqa: E402,F401  (registers)
+from . import sgva as _sgva  # noqa: E402,F401  (registers)
+from . import trans_encoder as _trans_encoder  # noqa: E402,F401  (registers)
+from . import vlm_ood as _vlm_ood  # noqa: E402,F401  (registers)

@@ -58,6 +58,9 @@ def tap_paths(model: nn.Module) -> list[str]:
     """All named submodule paths of ``model`` (the root ``''`` excluded), in definition order."""
     return [path for path, _ in model.named_modules() if path]
 from . import bida as _bida  # noqa: E402,F401  (registers bida)
+from . import cross_text as _cross_text  # noqa: E402,F401  (registers)
 from . import dual as _dual  # noqa: E402,F401  (registers dual-encoder)
-from . import seq as _seq  # noqa: E402,F401  (registers seq2seq)
 from . import l0 as _l0  # noqa: E402,F401  (registers the l0_gates / l0_prune structure ops)
+from . import mini_vlm as _mini_vlm  # noqa: E402,F401  (registers)
+from . import pair as _pair  # noqa: E402,F401  (registers)
+from . import seq as _seq  # noqa: E402,F401  (registers seq2seq)

@@ -24,3 +24,6 @@ __all__ = [
 ]
 from . import cer as _cer  # noqa: E402,F401  (registers cer)
 from . import domain as _domain  # noqa: E402,F401  (registers domain_adaptation)
+from . import pair_auc as _pair_auc  # noqa: E402,F401  (registers)
+from . import rerank as _rerank  # noqa: E402,F401  (registers)
+from . import vqa as _vqa  # noqa: E402,F401  (registers)
