@@ -19,8 +19,9 @@ act on each rank's local batch (the teacher scores the local batch).
   choice is not differentiated) are put in the teacher's order ``j_1, ..., j_K`` (``T``
   descending); ``L_i = 1/(K-1) sum_{m<K} -log( e^{S_{i j_m}} / sum_{n>=m} e^{S_{i j_n}} )``
   (the Plackett-Luce likelihood of the teacher's order among the hard negatives; the last
-  term is always 0 and is left out of the mean; a batch of ``B <= K`` uses its ``B - 1``). The positive and the easy negatives are
-  left out, so only the teacher's order among hard negatives transfers; ``tau`` is the ITC
+  term is always 0 and is left out of the mean; a batch of ``B <= K`` uses its ``B - 1``).
+  The positive and the easy negatives are left out, so only the teacher's order among hard
+  negatives transfers; ``tau`` is the ITC
   one, so the two terms pull on one scale. No official code exists: this form is our
   reading of the paper's description.
 - ``rank_kd``: full-list ranking KD, ListNet (Cao et al., ICML 2007) as KL: ``KL(softmax(T_i
