@@ -689,7 +689,8 @@ class Distiller(nn.Module):
         if bad:
             raise ConfigError("structure.drop_terms", bad, f"names of terms: {sorted(names)}")
         apply(self.student, op, args)
-        self.terms = [t for t in self.terms if t.name not in set(drop_terms)]
+        gone = set(drop_terms)
+        self.terms = [t for t in self.terms if t.name not in gone]
         self.structure_log.append({"op": op, **args, **({"drop_terms": list(drop_terms)}
                                                           if drop_terms else {})})
         self.structure_changed = True
