@@ -57,6 +57,9 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from hetero import _pool, cache_key  # noqa: E402  (the benchmarks' shared helpers)
+from verdicts import PLATEAU_POINTS, compare, tail_range  # noqa: E402
+from verdicts import lookup as _lookup  # noqa: E402
+from verdicts import verdict as _verdict_words  # noqa: E402
 
 import crossdistill as cd  # noqa: E402
 from crossdistill.io import load_weights, save_weights  # noqa: E402
@@ -65,7 +68,6 @@ from crossdistill.report import aggregate, format_table, pm  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 CACHE_VERSION = 3  # 2: the fusion teacher trains with modality dropout; 3: precise BN, and
 # the fusion branches skip missing samples
-PLATEAU_POINTS = 0.5  # the baseline's val metric range over its last 20 % of epochs (points)
 
 FULL = dict(
     seeds=3,
@@ -552,17 +554,7 @@ def stats(rows: list[dict]) -> list[dict]:
 
 
 def lookup(st, block, method, metric=None):
-    metric = metric or METRIC[block][0]
-    for r in st:
-        if (r["block"], r["method"]) == (block, method) and r.get(metric) is not None:
-            return r[metric], r.get(f"{metric}_std", 0.0), r["n"]
-    return None
-
-
-def tail_range(c: list[float]) -> float:
-    """max - min of a curve over its last ceil(20 %) of epochs and the epoch before."""
-    k = max(1, math.ceil(0.2 * len(c)))
-    return max(c[-k - 1:]) - min(c[-k - 1:])
+    return _lookup(st, block, method, metric or METRIC[block][0])
 
 
 def plateau(rows: list[dict]) -> list[dict]:
@@ -600,26 +592,7 @@ def loss_plateau(rows: list[dict]) -> list[dict]:
 
 
 def _cmp(st, block, a, b, metric=None, higher=True):
-    """(gain of a over b in points, clear of the seeds' spread), or None."""
-    x, y = lookup(st, block, a, metric), lookup(st, block, b, metric)
-    if x is None or y is None:
-        return None
-    gain = 100 * ((x[0] - y[0]) if higher else (y[0] - x[0]))
-    spread = 100 * math.hypot(x[1], y[1])
-    return gain, (None if min(x[2], y[2]) < 2 else abs(gain) > spread)
-
-
-def _verdict(results) -> str:
-    results = [r for r in results if r is not None]
-    if not results:
-        return "not run"
-    wins = sum(g > 0 for g, _ in results)
-    if wins == len(results):
-        clear = all(c for _, c in results)
-        return "held" if clear else "held (within seed spread)"
-    if wins == 0:
-        return "did not hold"
-    return f"held in {wins} of {len(results)} comparisons"
+    return compare(st, block, a, b, metric or METRIC[block][0], higher)
 
 
 def _ev(results, names) -> list[str]:
@@ -640,7 +613,7 @@ def claims(st, plat) -> list[dict]:
         else:
             res = [_cmp(st, block, a, b, metric, higher) for a, b in pairs]
             names = [f"{a} vs {b}" + (f" ({metric})" if metric else "") for a, b in pairs]
-        verdict = _verdict(res)
+        verdict = _verdict_words(res)
         if block in BASELINE and not ok.get(block, False) and verdict != "not run":
             verdict = f"not judged (baseline not plateaued; measured: {verdict})"
         out.append(dict(method=name, claim=text, verdict=verdict, evidence=_ev(res, names)))

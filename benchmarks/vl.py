@@ -9,8 +9,9 @@ plateau check, the claims (held / not held, with the gains in points and whether
 the seeds' spread), ``benchmarks/results/vl.json`` and ``docs/results/vl.md``.
 
 In every cell the checkpoint (and any test-time setting) is chosen on the validation split
-and the test split is read once. A claim is judged only where the block's baseline
-plateaued: its val metric's range over the last 20 % of epochs within 0.5 points.
+and the test split is read once. A claim is judged only where each of its baselines
+(the ``b`` of every pair it compares, and the block's BASELINE) plateaued: its val metric's
+range over the last 20 % of epochs within 0.5 points (benchmarks/verdicts.py).
 
     nice -n 10 python benchmarks/vl.py            # full (< 60 min here, 2 workers)
     python benchmarks/vl.py --quick               # < 5 min smoke run
@@ -23,7 +24,6 @@ import argparse
 import copy
 import importlib
 import json
-import math
 import os
 import platform
 import sys
@@ -36,12 +36,12 @@ from tqdm.auto import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from hetero import _pool, cache_key  # noqa: E402  (the benchmarks' shared helpers)
+from verdicts import compare, lookup, plateau_of, unjudged, verdict  # noqa: E402
 
 from crossdistill.report import aggregate, format_table, pm  # noqa: E402
 
 BLOCK_MODULES = ("tinyclip", "retrieval", "zeroshot", "dho", "transfer", "transenc", "llava",
                  "repblend", "peer")
-PLATEAU_POINTS = 0.5
 CACHE_VERSION = 1
 
 
@@ -111,61 +111,23 @@ def stats(rows: list[dict], mods: dict) -> list[dict]:
                      metrics=metric_keys(mods))
 
 
-def lookup(st, block, method, metric):
-    for r in st:
-        if (r["block"], r["method"]) == (block, method) and r.get(metric) is not None:
-            return r[metric], r.get(f"{metric}_std", 0.0), r["n"]
-    return None
-
-
-def tail_range(c: list[float]) -> float:
-    """max - min of a curve over its last ceil(20 %) of epochs and the epoch before."""
-    k = max(1, math.ceil(0.2 * len(c)))
-    return max(c[-k - 1:]) - min(c[-k - 1:])
+def baselines(mod) -> list[str]:
+    """The cells a block's claims are judged against: its BASELINE and each pair's ``b``
+    (a block without a BASELINE runs fixed schedules from its paper: no plateau check)."""
+    base = getattr(mod, "BASELINE", None)
+    if not base:
+        return []
+    out = [base, *(b for c in getattr(mod, "CLAIMS", []) for _, b in c["pairs"])]
+    return list(dict.fromkeys(out))
 
 
 def plateau(rows: list[dict], mods: dict) -> list[dict]:
-    out = []
-    for block, mod in mods.items():
-        base = getattr(mod, "BASELINE", None)
-        if not base:
-            continue
-        curves = [r["val_curve"] for r in rows
-                  if (r["block"], r["method"]) == (block, base) and r.get("val_curve")]
-        curves = [c for c in curves if len(c) > 1]
-        if not curves:
-            continue
-        ranges = [100 * tail_range(c) for c in curves]
-        out.append(dict(block=block, method=base, epochs=len(curves[0]),
-                        range_points=max(ranges),
-                        plateaued=max(ranges) <= PLATEAU_POINTS + 1e-9))
-    return out
-
-
-def _cmp(st, block, a, b, metric, higher=True, scale=100.0):
-    """(gain of a over b in display units, clear of the seeds' spread), or None."""
-    x, y = lookup(st, block, a, metric), lookup(st, block, b, metric)
-    if x is None or y is None:
-        return None
-    gain = scale * ((x[0] - y[0]) if higher else (y[0] - x[0]))
-    spread = scale * math.hypot(x[1], y[1])
-    return gain, (None if min(x[2], y[2]) < 2 else abs(gain) > spread)
-
-
-def _verdict(results) -> str:
-    results = [r for r in results if r is not None]
-    if not results:
-        return "not run"
-    wins = sum(g > 0 for g, _ in results)
-    if wins == len(results):
-        return "held" if all(c for _, c in results) else "held (within seed spread)"
-    if wins == 0:
-        return "did not hold"
-    return f"held in {wins} of {len(results)} comparisons"
+    out = [plateau_of(rows, block, m) for block, mod in mods.items() for m in baselines(mod)]
+    return [p for p in out if p is not None]
 
 
 def claims(st, plat, mods: dict) -> list[dict]:
-    ok = {p["block"]: p["plateaued"] for p in plat}
+    checked = {(p["block"], p["method"]): p for p in plat}
     out = []
     for block, mod in mods.items():
         for c in getattr(mod, "CLAIMS", []):
@@ -173,15 +135,12 @@ def claims(st, plat, mods: dict) -> list[dict]:
             higher = c.get("higher", True)
             scale = dict(getattr(mod, "SCALES", {})).get(metric, 100.0)
             unit = "points" if scale == 100.0 else ""
-            res = [_cmp(st, block, a, b, metric, higher, scale) for a, b in c["pairs"]]
-            verdict = _verdict(res)
-            if getattr(mod, "BASELINE", None) and not ok.get(block, False) \
-                    and verdict != "not run":
-                verdict = f"not judged (baseline not plateaued; measured: {verdict})"
+            res = [compare(st, block, a, b, metric, higher, scale) for a, b in c["pairs"]]
+            bases = [checked.get((block, b)) for _, b in c["pairs"]] if baselines(mod) else []
             ev = [f"{a} vs {b}: {r[0]:+.2f} {unit or metric.removeprefix('test_')}"
                   for (a, b), r in zip(c["pairs"], res) if r is not None]
             out.append(dict(block=block, method=c["name"], claim=c["text"], metric=metric,
-                            verdict=verdict, evidence=ev))
+                            verdict=unjudged(verdict(res), bases), evidence=ev))
     return out
 
 
@@ -226,7 +185,8 @@ def markdown(res: dict) -> str:
         res["table"],
         "```",
         "",
-        "## Baseline plateau (val metric range over the last 20 % of epochs, worst seed)",
+        "## Baseline plateau (each claim's baselines: val metric range over the last 20 % of "
+        "epochs, worst seed)",
         "",
         "| block | baseline | epochs | range (points) | plateaued |",
         "|---|---|---|---|---|",

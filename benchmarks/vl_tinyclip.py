@@ -53,7 +53,7 @@ CLAIMS = [
     dict(name="TinyCLIP (affinity)", pairs=[("affinity", "emb-mse"), ("affinity-inherit",
                                                                       "emb-mse")],
          text="affinity mimicking > feature-only distillation (embedding MSE), equal budget"),
-    dict(name="TinyCLIP (inheritance)", pairs=[("affinity", "affinity-inherit")],
+    dict(name="TinyCLIP (inheritance)", pairs=[("affinity-inherit", "affinity")],
          metric="epochs_to_90", higher=False,
          text="inherited text weights converge faster than random init (fewer epochs to 90 % "
          "of the random-init run's best val)"),
@@ -133,7 +133,8 @@ def fit(model, teacher, terms, P, seed, epochs, hooks=()):
                      task=task_of(model), prepare=[{"name": "pick_caption"}], seed=seed)
     tr, va, te = data(P)
     t = cd.Trainer(d, tr, va, te, epochs=epochs, batch_size=P["batch_size"], lr=P["lr"],
-                   optimizer="adamw", seed=seed, progress=False)
+                   optimizer="adamw", seed=seed, progress=False,
+                   warmup_epochs=P.get("warmup_epochs", 0))
     res = t.fit()
     return d, res, [r["val_mean_recall"] for r in t.log.rows]
 

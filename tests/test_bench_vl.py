@@ -56,6 +56,29 @@ def test_claims_need_a_plateaued_baseline(vl):
     assert "acc" in vl.tables(st, mods, 3)
 
 
+class ChainBlock(FakeBlock):
+    METHODS = ["base", "mid", "new"]
+    CLAIMS = [dict(name="chain", pairs=[("new", "mid")], text="new > mid")]
+
+
+def test_each_claim_is_judged_against_its_own_baseline(vl):
+    rows = _rows()  # base plateaus; "mid" (the claim's baseline) is still rising
+    rows += [dict(r, method="mid", val_curve=[0.5, 0.6, 0.7, 0.75, 0.8]) for r in _rows()
+             if r["method"] == "base"]
+    mods = {"fake": ChainBlock}
+    plat = vl.plateau(rows, mods)
+    assert {(p["method"], p["plateaued"]) for p in plat} == {("base", True), ("mid", False)}
+    (c,) = vl.claims(vl.stats(rows, mods), plat, mods)
+    assert c["verdict"].startswith("not judged (mid not plateaued")
+    FakeBlock.BASELINE, saved = None, FakeBlock.BASELINE  # no BASELINE: fixed schedules
+    try:
+        assert vl.plateau(rows, mods) == []
+        (c,) = vl.claims(vl.stats(rows, mods), [], mods)
+        assert c["verdict"] == "held"
+    finally:
+        FakeBlock.BASELINE = saved
+
+
 def test_every_block_module_has_the_interface(vl):
     mods = vl.available()
     assert {"tinyclip", "dho", "peer"} <= set(mods)

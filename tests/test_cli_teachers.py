@@ -108,6 +108,21 @@ def test_named_teachers_with_mixture(tmp_path, capsys, teachers):
 
 
 @pytest.mark.slow
+def test_named_teachers_reach_a_method_that_reads_them(tmp_path, capsys, teachers):
+    """distill-weighted from a config: the ``teachers:`` section arrives as named sources."""
+    method = {"name": "distill-weighted", "scores": {"a": 0.9, "b": 0.5}}
+    cfg = _cfg(tmp_path, {**BASE, "student": {"model": "cnn", "channels": [8, 8, 8]},
+                          "teachers": teachers, "method": method}, "w.yaml")
+    out = tmp_path / "w"
+    assert main(["train", cfg, "--out", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert 0.0 <= res["test_acc"] <= 1.0
+    bad = _cfg(tmp_path, {**BASE, "teachers": teachers,
+                          "method": {**method, "scores": {"a": 0.9}}}, "wbad.yaml")
+    assert main(["train", bad]) == 2
+    assert "scores" in capsys.readouterr().err
+
+
 def test_train_nproc_2(tmp_path, teachers):
     cfg = _cfg(
         tmp_path,

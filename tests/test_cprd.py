@@ -202,6 +202,11 @@ def test_tiny_cprd_run_from_a_cross_encoder(digits):
     # an untrained teacher's order is noise here: the run must still learn to retrieve
     assert res["best_val_mean_recall"] > before["mean_recall"] + 0.04
     assert d.last_losses["cprd"] > 0
+    # the retrieval task cannot read the teacher's score matrix: noted, the run stands
+    assert res["teacher_val_not_scored"].startswith("task.query")
+    t.distiller.task.for_io = lambda io: (_ for _ in ()).throw(ConfigError("data.x", 1, "x"))
+    with pytest.raises(ConfigError, match="data.x"):  # any other error is not swallowed
+        t._teacher_val()
     for name in ("score-kd", "rank-kd"):  # the baselines build and run one step
         r = build(name, student, teacher)
         d2 = cd.Distiller(student, teacher, r.terms, io=io, teacher_io=io, task=task)

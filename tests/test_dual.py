@@ -44,6 +44,13 @@ def test_shapes_taps_and_several_captions(captions):
         assert n < ids.shape[-1]
         assert torch.allclose(m.text(ids[:, 0], mask[:, 0]),
                               m.text(ids[:, 0, :n], mask[:, 0, :n]), atol=1e-5)
+        # the tower crops a batch to its longest text before the encoder
+        seen = []
+        h = m.text.encoder.register_forward_pre_hook(
+            lambda mod, a, kw: seen.append(kw["input_ids"].shape[-1]), with_kwargs=True)
+        m.text(ids[:, 0], mask[:, 0])
+        h.remove()
+        assert seen == [n]
 
 
 def test_pick_caption_stage():

@@ -36,6 +36,17 @@ def test_splits_are_whole_blocks_and_pairs_stay_inside(play):
     assert other != pairs["val"]  # the blocks' assignment is seeded
 
 
+def test_stride_two_puts_each_turn_in_one_pair(play):
+    one = turn_pairs("train", root=play, block_turns=5)
+    two = turn_pairs("train", root=play, block_turns=5, stride=2)
+    assert len(two) == 20 and set(two) <= set(one)  # 2 of each block's 4 pairs
+    turns = [t for p in two for t in p]
+    assert len(turns) == len(set(turns))
+    assert turns[1] in {t for p in one for t in p} and one[0][1] == one[1][0]  # stride 1
+    with pytest.raises(ConfigError, match="data.stride"):
+        turn_pairs("train", root=play, block_turns=5, stride=3)
+
+
 def test_source_tokenizes_both_sides(play, tmp_path):
     d = cd.data.load_split("shakespeare_turns", "val", root=play, tokenizer="char",
                            block_turns=5, max_tokens=16, cache_dir=str(tmp_path))

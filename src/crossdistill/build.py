@@ -13,7 +13,7 @@ from .config import RunConfig
 from .distiller import Distiller, Term
 from .errors import ConfigError
 from .io import load_into
-from .registry import LOSSES
+from .registry import LOSSES, METHODS
 from .train import TrainConfig, Trainer
 
 
@@ -227,7 +227,11 @@ def make_distiller(
     if cfg.method is not None:
         from . import methods
 
-        one = teacher if not isinstance(teacher, dict) else None
+        # a method that reads named teachers (registered ``teachers="named"``) gets the
+        # ``teachers:`` section as a dict; any other gets the one ``teacher:``
+        fn = METHODS.get(cfg.method.name, "method.name")
+        named = getattr(fn, "__registry_meta__", {}).get("teachers") == "named"
+        one = teacher if named or not isinstance(teacher, dict) else None
         recipe = methods.build(cfg.method.name, student, one, **cfg.method.kwargs())
         terms, hooks = recipe.terms + terms, recipe.hooks
     if not terms:

@@ -183,13 +183,15 @@ def _shakespeare_turns(
     max_tokens: Count = 48,
     block_turns: Count = 40,
     max_chars: Count | None = None,
+    stride: Literal[1, 2] = 1,
     cache_dir: str = "runs/cache/tokenizers",
 ):
     from .turns import shakespeare_turns
 
     return shakespeare_turns(split, root=root, tokenizer=tokenizer, vocab_size=vocab_size,
                              max_tokens=max_tokens, block_turns=block_turns,
-                             split_seed=split_seed, max_chars=max_chars, cache_dir=cache_dir)
+                             split_seed=split_seed, max_chars=max_chars, stride=stride,
+                             cache_dir=cache_dir)
 
 
 @DATASETS.register(

@@ -6,7 +6,10 @@ joined by spaces, without the speaker's name (which would give the match away: t
 is always another speaker). Turns are grouped into contiguous blocks of ``block_turns``,
 and whole blocks go to train / val / test (fractions ``0.8 / 0.1 / 0.1`` of the blocks, by a
 permutation seeded by ``split_seed``); pairs are formed inside a block only, so no turn is
-in two splits and neighbouring text never leaks across them.
+in two splits and neighbouring text never leaks across them. With ``stride: 1`` (the
+default) every turn but a block's last starts a pair, so pair i's answer is pair i+1's query;
+``stride: 2`` keeps every second pair, and then no turn is in two pairs (a gallery without
+near-duplicates of the query, what a retrieval evaluation usually wants).
 
 :func:`turn_pairs` gives the strings; the registered ``shakespeare_turns`` source tokenizes
 both sides for text towers (``query_ids`` / ``query_mask`` / ``gallery_ids`` /
@@ -53,7 +56,7 @@ def _blocks(n_turns: int, block_turns: int, seed: int) -> dict[str, list[int]]:
 
 
 def turn_pairs(split: str, *, root=None, block_turns: int = 40, split_seed: int = 0,
-               max_chars: int | None = None) -> list[tuple[str, str]]:
+               max_chars: int | None = None, stride: int = 1) -> list[tuple[str, str]]:
     """``(turn, next turn)`` strings of ``split`` (module docstring)."""
     from . import SPLITS
     from .text import shakespeare
@@ -62,6 +65,9 @@ def turn_pairs(split: str, *, root=None, block_turns: int = 40, split_seed: int 
         raise ConfigError("data.split", split, f"allowed: {', '.join(SPLITS)}")
     if isinstance(block_turns, bool) or not isinstance(block_turns, int) or block_turns < 2:
         raise ConfigError("data.block_turns", block_turns, "an integer >= 2")
+    if isinstance(stride, bool) or stride not in (1, 2):
+        raise ConfigError("data.stride", stride, "1 (every turn starts a pair) or 2 (no turn "
+                          "in two pairs)")
     text = shakespeare(root)
     if max_chars is not None:
         if isinstance(max_chars, bool) or not isinstance(max_chars, int) or max_chars < 1000:
@@ -71,7 +77,7 @@ def turn_pairs(split: str, *, root=None, block_turns: int = 40, split_seed: int 
     out = []
     for b in _blocks(len(turns), block_turns, split_seed)[split]:
         block = turns[b * block_turns:(b + 1) * block_turns]
-        out += list(zip(block[:-1], block[1:]))
+        out += list(zip(block[:-1], block[1:]))[::stride]
     return out
 
 
@@ -107,7 +113,7 @@ def _ids(tok, texts: list[str], max_tokens: int) -> tuple[torch.Tensor, torch.Te
 
 def shakespeare_turns(split: str, *, root=None, tokenizer: str = "minilm",
                       vocab_size: int = 2000, max_tokens: int = 48, block_turns: int = 40,
-                      split_seed: int = 0, max_chars: int | None = None,
+                      split_seed: int = 0, max_chars: int | None = None, stride: int = 1,
                       cache_dir: str = "runs/cache/tokenizers") -> Dataset:
     """The tokenized pairs of ``split``; ``idx`` is the pair's position in the split, the
     retrieval task's target (query i matches gallery item i)."""
@@ -115,7 +121,7 @@ def shakespeare_turns(split: str, *, root=None, tokenizer: str = "minilm",
             4 <= max_tokens <= 512):
         raise ConfigError("data.max_tokens", max_tokens, "an integer in 4..512")
     pairs = turn_pairs(split, root=root, block_turns=block_turns, split_seed=split_seed,
-                       max_chars=max_chars)
+                       max_chars=max_chars, stride=stride)
     train_text = ""
     if tokenizer in ("bpe", "char"):  # a tokenizer trained here reads the train turns only
         train = pairs if split == "train" else turn_pairs(
@@ -136,7 +142,7 @@ def shakespeare_turns(split: str, *, root=None, tokenizer: str = "minilm",
         split=split,
         num_classes=0,
         info={"construction": f"tiny Shakespeare turns and their answers, blocks of "
-              f"{block_turns} turns split {FRACTIONS} (seed {split_seed})",
+              f"{block_turns} turns split {FRACTIONS} (seed {split_seed}), stride {stride}",
               "pairs": len(pairs), "tokenizer": tokenizer, "max_tokens": max_tokens},
     )
     data.texts = {"query": [a for a, _ in pairs], "gallery": [b for _, b in pairs]}

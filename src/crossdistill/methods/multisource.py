@@ -301,6 +301,7 @@ def _distill_terms(name: str | None, student_tap: str, teacher, teacher_tap: str
     paper="Distilling from Similar Tasks for Transfer Learning on a Budget",
     year=2023,
     family="multi-source",
+    teachers="named",
 )
 def distill_nearest(student, teacher, *, scores: dict[str, float] | None = None,
                     feature_loss: Literal["mse", "cosine"] = "mse",
@@ -333,6 +334,7 @@ def distill_nearest(student, teacher, *, scores: dict[str, float] | None = None,
     paper="Distilling from Similar Tasks for Transfer Learning on a Budget",
     year=2023,
     family="multi-source",
+    teachers="named",
 )
 def distill_weighted(student, teacher, *, scores: dict[str, float] | None = None,
                      tau: Pos = 0.1, feature_loss: Literal["mse", "cosine"] = "mse",

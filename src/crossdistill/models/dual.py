@@ -28,7 +28,11 @@ from .mlp import replace_head, tag
 
 
 class TextTower(nn.Module):
-    """An HF encoder over token ids, mean-pooled over the attention mask, then ``proj``."""
+    """An HF encoder over token ids, mean-pooled over the attention mask, then ``proj``.
+
+    The batch is cropped to its longest text (the last position any mask attends) before the
+    encoder: exact, since masked attention and pooling give padding no weight, and a batch
+    of short captions padded to ``max_tokens`` then costs its own length."""
 
     def __init__(self, encoder: nn.Module, dim: int | None = None, trainable: bool = True):
         super().__init__()
@@ -58,6 +62,9 @@ class TextTower(nn.Module):
                                   f"model's vocabulary of {vocab}: the data's tokenizer must "
                                   "be the text model's own")
             self.checked = True
+        used = mask.ne(0).any(0).nonzero()
+        n = int(used.max()) + 1 if used.numel() else 1
+        ids, mask = ids[:, :n], mask[:, :n]
         h = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
         m = mask.unsqueeze(-1).to(h.dtype)
         return self.proj((h * m).sum(1) / m.sum(1).clamp_min(1e-9))

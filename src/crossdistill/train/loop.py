@@ -714,8 +714,10 @@ class Trainer:
                     task=task.for_io(self.distiller.teacher_io[n]),
                     io=self.distiller.teacher_io[n],
                 )
-            except ConfigError as err:  # a teacher of another shape than the student (a
+            except ConfigError as err:  # a teacher whose output the task cannot read (a
                 # cross-encoder's score matrix under a retrieval task): the run stands
+                if not str(err.field).startswith("task."):
+                    raise
                 out[f"{key}_val_not_scored"] = f"{err.field}: {err.allowed}"
                 continue
             out[f"{key}_val_{task.select}"] = v[task.select]
