@@ -122,8 +122,10 @@ class Method:
     build: object  # P -> dict merged into the run config
     teacher: bool = True
     # the teacher's signals come from a per-token store made once (see train_teacher):
-    # "logits" (every logit, float32: the same values as the online teacher) or "observed"
-    # (the teacher's log-prob of each observed token, 4 bytes a token: all that ALM reads)
+    # "logits" (every logit, float32: the same values as the online teacher), "observed"
+    # (the teacher's log-prob of each observed token, 4 bytes a token: all that ALM reads),
+    # or a method's name: what that method's recipe reads (BiStil: logits, hidden states and
+    # attention maps, float32), written from its own config
     store: str | None = None
     runner: str = "train"
     about: str = ""
@@ -190,17 +192,20 @@ METHODS: dict[str, Method] = {
     "seqkd": Method(
         (("prepares", "onpolicy"),),
         MAIN,
-        # Kim & Rush generate once per source; we sample afresh every 4th step and replay the
-        # last 1024 teacher sequences between (the stage's bounded-generation setting)
-        _onpolicy(0.0, 1.0, [{"loss": "ce"}], regenerate_every=4, buffer_size=1024),
-        about="SeqKD: CE on teacher continuations (sampled, T 0.9; new ones every 4th step, "
+        # Kim & Rush generate once per source; we sample afresh every 16th step and replay
+        # the last 1024 teacher sequences between (the stage's bounded-generation setting):
+        # about 1.2 teacher continuations per training block over the run
+        _onpolicy(0.0, 1.0, [{"loss": "ce"}], regenerate_every=16, buffer_size=1024),
+        about="SeqKD: CE on teacher continuations (sampled, T 0.9; new ones every 16th step, "
         "replayed between)",
     ),
     "bistil": Method(
-        (("methods", "bistil"),), MAIN, _bistil(True), about="BiStil: teacher-layer init + KD"
+        (("methods", "bistil"),), MAIN, _bistil(True), store="bistil",
+        about="BiStil: teacher-layer init + KD",
     ),
     "bistil-rand": Method(
-        (("methods", "bistil"),), MAIN, _bistil(False), about="BiStil's losses, random init"
+        (("methods", "bistil"),), MAIN, _bistil(False), store="bistil",
+        about="BiStil's losses, random init",
     ),
     "comd": Method(
         (("module", "crossdistill.lm.comd:comd"), ("module", "crossdistill.lm.comd:seqkd_once")),
@@ -465,8 +470,9 @@ def train_teacher(P: dict, cache: Path, ids: dict) -> dict:
 
         from crossdistill import cli
 
-        cfg = run_config(P, "x-ce" if is_cross(P, cell) else "ce", cell, 0, cache, ids)
-        cfg["teacher"] = teacher_spec(P, cache, ids, cell)
+        base = kind if kind in METHODS else ("x-ce" if is_cross(P, cell) else "ce")
+        cfg = run_config(P, base, cell, 0, cache, ids)
+        cfg["teacher"] = teacher_spec(P, cache, ids, cell)  # the online teacher writes it
         spec = out / f"{store.name}.yaml"
         spec.write_text(yaml.safe_dump(cfg))
         args = ["cache-teacher", str(spec), "--out", str(store), "--dtype", "float32"]

@@ -2,7 +2,9 @@
 
 Every block is a module ``benchmarks/vl_<block>.py`` with one interface (``BLOCK``,
 ``METHODS``, ``BASELINE``, ``METRIC``, ``EXTRA``, ``PROFILES``, ``teachers(P, cache)``,
-``run(method, seed, P, cache)``, ``CLAIMS``); this driver trains each block's teachers
+``run(method, seed, P, cache)``, ``CLAIMS``; optional ``ROWS``: the table's rows when a
+cell also returns rows of other methods, under ``"also"``, e.g. a peer trained side by side
+in the same worker); this driver trains each block's teachers
 once (seed 0, cached by a hash of the block's profile), runs every cell (block x method x
 seed) on a pool of single-thread workers, and writes one table per block, the baseline
 plateau check, the claims (held / not held, with the gains in points and whether they clear
@@ -94,7 +96,14 @@ def _work(item):
 
         row = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(-4)}
     row.update(block=block, method=method, seed=seed, seconds=time.time() - t0)
+    for r in row.get("also", []):
+        r.update(block=block, seed=seed)
     return (block, method, seed), row
+
+
+def expand(row: dict) -> list[dict]:
+    """A cell's row and the rows of other methods it returned (``"also"``)."""
+    return [{k: v for k, v in row.items() if k != "also"}, *row.get("also", [])]
 
 
 # -- summaries ------------------------------------------------------------------------------
@@ -151,7 +160,7 @@ def tables(st, mods: dict, seeds: int) -> str:
         extra = list(getattr(mod, "EXTRA", []))
         head = ["method", header, *[h for _, h in extra], "s/run"]
         body = []
-        for m in mod.METHODS:
+        for m in getattr(mod, "ROWS", mod.METHODS):
             r = lookup(st, block, m, metric)
             if r is None:
                 continue
@@ -244,7 +253,7 @@ def main(argv=None) -> int:
             b = rec["job"][0]
             if b in Ps and rec.get("profile") == block_key(b, Ps[b]):
                 done[tuple(rec["job"])] = rec["row"]
-    rows = [done[j] for j in jobs if j in done]
+    rows = [r for j in jobs if j in done for r in expand(done[j])]
     todo = [j for j in jobs if j not in done]
     print(f"{len(jobs)} runs ({len(todo)} to do) in blocks {', '.join(mods)}", flush=True)
     teacher_meta, failed, skipped = {}, [], []
@@ -269,7 +278,7 @@ def main(argv=None) -> int:
                     failed.append(row)
                     tqdm.write(f"{job} FAILED: {row['error']}")
                     continue
-                rows.append(row)
+                rows += expand(row)
                 partial.parent.mkdir(parents=True, exist_ok=True)
                 with partial.open("a") as f:
                     f.write(json.dumps({"job": list(job), "profile": block_key(job[0],
@@ -293,7 +302,7 @@ def main(argv=None) -> int:
                     blocks=list(mods), torch=torch.__version__,
                     python=platform.python_version()),
         wall_seconds=time.time() - t_start,
-        sum_run_seconds=sum(r["seconds"] for r in rows),
+        sum_run_seconds=sum(r.get("seconds", 0.0) for r in rows),
         teachers=teacher_meta,
         cells=st,
         plateau=plat,

@@ -90,7 +90,8 @@ def test_every_block_module_has_the_interface(vl):
         base = getattr(mod, "BASELINE", None)
         assert base is None or base in mod.METHODS
         for c in mod.CLAIMS:
-            assert all(a in mod.METHODS and b in mod.METHODS for a, b in c["pairs"]), (name, c)
+            rows = getattr(mod, "ROWS", mod.METHODS)
+            assert all(a in rows and b in rows for a, b in c["pairs"]), (name, c)
 
 
 @pytest.mark.slow
@@ -103,3 +104,23 @@ def test_quick_end_to_end(tmp_path):
     res = json.loads(out.read_text())
     assert not res["failed"] and res["runs"]
     assert "quick" in md.read_text()
+
+
+def test_a_cell_may_return_the_rows_of_a_side_by_side_peer(vl):
+    class PeerBlock(FakeBlock):
+        METHODS = ["new"]
+        ROWS = ["new", "peer"]
+        CLAIMS = [dict(name="peer", pairs=[("new", "peer")], text="new > peer")]
+        BASELINE = None
+
+    rows = []
+    for s in range(3):
+        cell = dict(block="fake", method="new", seed=s, test_acc=0.9, seconds=2.0,
+                    also=[dict(block="fake", method="peer", seed=s, test_acc=0.8)])
+        rows += vl.expand(cell)
+    assert [r["method"] for r in rows[:2]] == ["new", "peer"] and "also" not in rows[0]
+    mods = {"fake": PeerBlock}
+    st = vl.stats(rows, mods)
+    assert "peer" in vl.tables(st, mods, 3)
+    (c,) = vl.claims(st, vl.plateau(rows, mods), mods)
+    assert c["verdict"] == "held" and "+10.00" in c["evidence"][0]

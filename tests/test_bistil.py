@@ -205,3 +205,44 @@ def test_yaml_config_checks(tmp_path, monkeypatch, one_thread):
     cfg["train"].update(epochs=1, progress=False)
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
     assert main(["train", str(tmp_path / "run.yaml"), "--check"]) == 0
+
+
+def test_store_holds_hidden_states_and_attentions_same_run_as_online(tmp_path, one_thread):
+    """A store written from a BiStil config holds the taps the recipe reads; the run from it
+    (init from the store's checked teacher model) matches the online run."""
+    import json
+
+    import yaml
+
+    from crossdistill.cli import main
+
+    data = {"name": "shakespeare", "batch_size": 8,
+            "params": {"tokenizer": "char", "block": 16, "max_chars": 6000,
+                       "cache_dir": str(tmp_path / "tok")}}
+    cfg_t = {"n_layer": 2, "n_embd": 16, "n_head": 2, "n_positions": 16}
+    hf = {"hf": "gpt2", "inputs": {"input_ids": "input_ids"}}
+    teacher = {"student": {**hf, "config": cfg_t}, "data": data,
+               "train": {"epochs": 1, "progress": False}}
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump(teacher))
+    assert main(["train", str(tmp_path / "t.yaml"), "--out", str(tmp_path / "t")]) == 0
+    eager = {"attn_implementation": "eager"}
+    tspec = {**hf, "config": cfg_t, "checkpoint": str(tmp_path / "t" / "student.safetensors")}
+    run = {"student": {**hf, **eager, "config": {**cfg_t, "n_layer": 1}}, "data": data,
+           "teacher": tspec, "method": {"name": "bistil"},
+           "train": {"epochs": 1, "progress": False, "seed": 3}}
+    (tmp_path / "online.yaml").write_text(yaml.safe_dump(run))
+    assert main(["cache-teacher", str(tmp_path / "online.yaml"), "--out",
+                 str(tmp_path / "store"), "--dtype", "float32"]) == 0
+    taps = json.loads((tmp_path / "store" / "manifest.json").read_text())["taps"]
+    want = ("output.hidden_states[0]", "output.hidden_states[2]", "output.attentions[1]")
+    assert {str(Tap.parse(t)) for t in want} <= set(taps)
+    stored = {**run, "teacher": {**tspec, "store": str(tmp_path / "store")}}
+    (tmp_path / "stored.yaml").write_text(yaml.safe_dump(stored))
+    res = {}
+    for name in ("online", "stored"):
+        assert main(["train", str(tmp_path / f"{name}.yaml"), "--out", str(tmp_path / name)]) == 0
+        res[name] = json.loads((tmp_path / name / "results.json").read_text())
+    assert res["stored"]["test_bpb"] == pytest.approx(res["online"]["test_bpb"], abs=1e-4)
+    no_model = {**run, "teacher": {"store": str(tmp_path / "store")}}
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(no_model))
+    assert main(["train", str(tmp_path / "bad.yaml")]) == 2

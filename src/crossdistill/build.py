@@ -180,11 +180,12 @@ def make_teacher(spec, field: str, train: D.Dataset, base: Path | None = None, r
 
         store = TeacherStore(spec.store, f"{field}.store")
         model = None
-        if spec.model and spec.checkpoint:
+        if (spec.model or spec.hf or spec.hf_path) and (spec.checkpoint or spec.hf_path):
             model = make_model(spec, field, train)
         store.check(teacher_hash=None if model is None else weights_hash(model), data=train)
         if model is not None:  # the hash cannot see reordered rows or another teacher's shard
             store.verify_against(model, train)
+            store.attach_source(model)  # for recipes built from the weights (BiStil's init)
         return store, spec.io()
     if not (spec.model or spec.hf or spec.hf_path) or not (spec.checkpoint or spec.hf_path):
         raise ConfigError(

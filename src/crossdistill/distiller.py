@@ -288,7 +288,7 @@ class Distiller(nn.Module):
         self._ctx: dict[str, set[str]] = {}
         self._dims: dict[str, int] = {}  # per term: dims of its unreduced value (build)
         self._s_out = _output_taps(self.terms, "student")
-        self._s_flags = _output_flags(student, self._s_out)  # asked once, not per step
+        self._s_flags = output_flags(student, self._s_out)  # asked once, not per step
         if not any(LOGITS in map(str, t.student) for t in self.terms):
             self._s_flags.update(_no_logits(student))
         for t in self.terms:
@@ -305,7 +305,7 @@ class Distiller(nn.Module):
             taps = self._tap_map(terms_here, "teacher", hooked=False)
             self._t_logits[name] = LOGITS in taps or mixture is not None
             self._t_out[name] = _output_taps(terms_here, "teacher")
-            self._t_flags[name] = _output_flags(model, self._t_out[name])
+            self._t_flags[name] = output_flags(model, self._t_out[name])
             if not self._t_logits[name]:
                 self._t_flags[name].update(_no_logits(model))
             if getattr(model, "is_store", False):
@@ -508,16 +508,7 @@ class Distiller(nn.Module):
         else:  # no hook to arm (the logits come from the adapter)
             out, vals = call(io, model, batch, **flags), {}
         vals[LOGITS] = io.check(out) if check else io.logits(out)
-        for key, tap in out_taps.items():
-            v = select(out, tap.select, f"{io.field} tap {key!r}")
-            if not torch.is_tensor(v):
-                raise ConfigError(
-                    f"{io.field} tap",
-                    key,
-                    f"selects a {type(v).__name__}, not a tensor "
-                    "(HF: attentions need attn_implementation: eager)",
-                )
-            vals[key] = v
+        vals.update(select_outputs(out, out_taps, f"{io.field} tap"))
         return vals, out
 
     def _capture(self, batch, check: bool = False):
@@ -867,7 +858,19 @@ def _output_taps(terms, side: str) -> dict[str, Tap]:
     return {str(tap): tap for t in terms for tap in getattr(t, side) if tap.path == OUTPUT}
 
 
-def _output_flags(model: nn.Module, out_taps: Mapping[str, Tap]) -> dict:
+def select_outputs(out, out_taps: Mapping[str, Tap], field: str) -> dict[str, torch.Tensor]:
+    """The tensors that ``output.*`` taps select from a model's return value."""
+    vals = {}
+    for key, tap in out_taps.items():
+        v = select(out, tap.select, f"{field} {key!r}")
+        if not torch.is_tensor(v):
+            raise ConfigError(field, key, f"selects a {type(v).__name__}, not a tensor "
+                              "(HF: attentions need attn_implementation: eager)")
+        vals[key] = v
+    return vals
+
+
+def output_flags(model: nn.Module, out_taps: Mapping[str, Tap]) -> dict:
     """Ask a model for hidden states / attentions when a tap selects them, if its forward
     takes the Hugging Face flag (other models return such fields themselves or not at all)."""
     flags = {}

@@ -225,6 +225,12 @@ def bistil(
     (:func:`init_from_teacher`); a resume then loads the checkpoint over it."""
     if teacher is None:
         raise ConfigError("teacher", None, "bistil distils from one teacher: add a teacher section")
+    if getattr(teacher, "is_store", False):  # signals from a store, config and init from its
+        # checked model (a store made from this recipe holds the hidden states and attentions)
+        if teacher.source is None:
+            raise ConfigError("teacher.checkpoint", None, "bistil reads the teacher's config "
+                              "and weights: give model (or hf) + checkpoint beside the store")
+        teacher = teacher.source
     s_cfg, t_cfg = _gpt2(student, "student"), _gpt2(teacher, "teacher")
     n = s_cfg.n_layer
     layer_map(t_cfg.n_layer, n)  # the layer counts divide

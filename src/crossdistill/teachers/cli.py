@@ -75,14 +75,19 @@ def cmd_cache_teacher(args) -> int:
     io = ModelIO(**spec.io(), field="teacher").with_defaults(task.inputs, task.class_dim)
     taps = args.taps
     if taps is None:
-        taps = sorted(
-            {
-                t
-                for term in cfg.terms
-                for t in ([term.teacher] if isinstance(term.teacher, str) else term.teacher or [])
-                if t not in ("logits", "default")
-            }
-        )
+        read = [[term.teacher] if isinstance(term.teacher, str) else term.teacher or []
+                for term in cfg.terms]
+        if cfg.method is not None:  # and what the method's recipe reads (built on a student
+            # of the config, as a run builds it: e.g. BiStil's hidden states and attentions)
+            import torch
+
+            from .. import methods
+
+            torch.manual_seed(cfg.train.seed)
+            student = make_model(cfg.student, "student", train)
+            recipe = methods.build(cfg.method.name, student, teacher, **cfg.method.kwargs())
+            read += [[str(p) for p in t.teacher or []] for t in recipe.terms]
+        taps = sorted({t for r in read for t in r if t not in ("logits", "default")})
     out = Path(args.out or f"runs/stores/{weights_hash(teacher)}-{train.fingerprint()}")
     cache_teacher(
         teacher,

@@ -193,6 +193,13 @@ class TeacherStore(nn.Module):
         self._index()
         self._keys = [k for k in self._dtypes if k != "idx"]
         self.taps = list(m["taps"]) + ([TOPK] if m["topk"] else [])
+        self.__dict__["source"] = None  # see attach_source (not a submodule: never saved)
+
+    def attach_source(self, model: nn.Module) -> None:
+        """The teacher model this store was checked against, for recipes that read the
+        teacher's weights or config when they are built (BiStil's init from the teacher's
+        layers); it is never run and is not part of the distiller's modules or state."""
+        self.__dict__["source"] = model
 
     def _refuse(self, where, what: str) -> ConfigError:
         return ConfigError(self.field, str(where), f"{what}; {RERUN}")

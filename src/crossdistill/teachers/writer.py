@@ -25,7 +25,7 @@ from ..adapters import ModelIO
 from ..data import Batches, Dataset
 from ..errors import ConfigError
 from ..io import atomic_path, save_weights
-from ..taps import Capture, Tap
+from ..taps import OUTPUT, Capture, Tap
 from .fingerprint import inputs_fingerprint, transform_description, weights_hash
 from .manifest import (
     FORMAT,
@@ -257,7 +257,12 @@ def cache_teacher(
         pending = {k: [v[n_rows:]] for k, v in cat.items()}
         n_pending -= n_rows
 
-    cap = Capture(teacher, tap_objs, "store.taps")
+    from ..distiller import output_flags, select_outputs
+
+    hooked = {k: t for k, t in tap_objs.items() if t.path != OUTPUT}  # forward hooks
+    out_taps = {k: t for k, t in tap_objs.items() if t.path == OUTPUT}  # output.hidden_states[i]
+    flags = output_flags(teacher, out_taps)
+    cap = Capture(teacher, hooked, "store.taps")
     try:
         todo = batches.epoch(0, start=start) if done < len(data) else ()
         for batch in tqdm(
@@ -268,7 +273,7 @@ def cache_teacher(
             cap.clear()
             cap.active = True
             try:
-                raw = io.call(teacher, batch)
+                raw = io.call(teacher, batch, **flags)
             finally:
                 cap.active = False
             first = logit_shape is None
@@ -292,7 +297,8 @@ def cache_teacher(
                     tuple(logits.shape),
                     f"every batch needs per-sample shape {logit_shape} (pad inputs to one length)",
                 )
-            feats = {k: cap.get(k) for k in tap_objs}
+            feats = {k: cap.get(k) for k in hooked}
+            feats.update(select_outputs(raw, out_taps, "store.taps"))
             sig = {"idx": ids}
             if observed:
                 sig[OBSERVED] = _observed_logprob(logits, batch[observed]).cpu()
