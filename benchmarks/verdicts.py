@@ -61,9 +61,19 @@ def verdict(results) -> str:
     return f"held in {wins} of {len(results)} comparisons"
 
 
+def parity(results) -> str:
+    """For "within noise of" claims: held where no gap clears the seeds' spread."""
+    results = [r for r in results if r is not None]
+    if not results:
+        return "not run"
+    if any(c is None for _, c in results):
+        return "not judged (one seed: no spread)"
+    return "held (within noise)" if not any(c for _, c in results) else "did not hold"
+
+
 def unjudged(measured: str, baselines: list[dict]) -> str:
     """``measured`` as is, or marked not judged where a baseline did not plateau."""
-    bad = [p["method"] for p in baselines if p and not p["plateaued"]]
+    bad = list(dict.fromkeys(p["method"] for p in baselines if p and not p["plateaued"]))
     if not bad or measured == "not run":
         return measured
     return f"not judged ({', '.join(bad)} not plateaued; measured: {measured})"

@@ -36,6 +36,8 @@ from crossdistill.io import load_weights, save_weights
 BLOCK = "tinyclip"
 METHODS = ["clip", "emb-mse", "affinity", "affinity-inherit", "affinity-auto"]
 BASELINE = "clip"
+COST = {"affinity-auto": 125.0, "clip": 55.0, "emb-mse": 55.0, "affinity": 55.0,
+        "affinity-inherit": 55.0}
 METRIC = ("test_mean_recall", "test mean R", 100.0)
 EXTRA = [("test_q2g_r@1", "i->t R@1"), ("test_q2g_r@10", "i->t R@10"),
          ("test_g2q_r@1", "t->i R@1"), ("test_g2q_r@10", "t->i R@10"),
