@@ -343,3 +343,19 @@ def test_teacher_fed_the_student_ids_is_refused_before_training(pair):
     with pytest.raises(ConfigError, match="teachers.big.inputs"):
         check_teacher_io(terms, pair, {"big": {}}, several=True)
     check_teacher_io([cd.Term("ce"), cd.Term("kd")], pair, {"teacher": {}})  # not cross-tok
+
+
+def test_top_desc_matches_torch_topk_values_and_gradients():
+    from crossdistill.losses.crosstok import _top_desc
+
+    torch.manual_seed(0)
+    for shape, k in (((3, 5, 40), 17), ((7, 12), 12)):
+        x = torch.randn(shape, dtype=torch.float64).softmax(-1).requires_grad_()
+        got, want = _top_desc(x, k), x.topk(k, -1).values
+        assert torch.equal(got, want)
+        g = torch.randn_like(got)
+        (a,) = torch.autograd.grad((got * g).sum(), x)
+        (b,) = torch.autograd.grad((want * g).sum(), x)
+        assert torch.allclose(a, b)
+    h = torch.randn(4, 9).to(torch.bfloat16)  # other dtypes: torch's top-k
+    assert torch.equal(_top_desc(h, 3), h.topk(3, -1).values)

@@ -102,21 +102,31 @@ def _per_sample(value: Tensor, valid: Tensor) -> Tensor:
     return torch.where(valid, value, 0.0).sum(1) / valid.sum(1).clamp_min(1)
 
 
+def _top_desc(x: Tensor, k: int) -> Tensor:
+    """The ``k`` largest entries of each row of ``x``, descending, differentiable in ``x``.
+    On CPU the order comes from NumPy's argsort (about 10x faster than torch's CPU sort or
+    top-k over a few hundred entries, single thread) and the values are gathered from ``x``,
+    so autograd sees a plain gather; elsewhere ``torch.topk``."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+        return x.topk(k, -1).values
+    flat = x.detach().reshape(-1, x.shape[-1]).numpy()
+    order = np.argsort(-flat, axis=-1, kind="quicksort")[:, :k]
+    idx = torch.from_numpy(np.ascontiguousarray(order)).view(*x.shape[:-1], k)
+    return x.gather(-1, idx)
+
+
 def _sorted_l1(q: Tensor, p: Tensor) -> Tensor:
     """ULD's distance: ``sum_i |sort(q)_i - sort(p)_i|``, probabilities sorted descending and
     the smaller vocabulary zero-padded (the Wasserstein-1 distance under a uniform cost).
 
     Only the ``k = min(V_q, V_p)`` largest entries of the larger side meet a non-zero partner;
     its other entries meet padding and add their plain sum (entries are >= 0). So the larger
-    side needs a top-k, not a full sort (4x faster on CPU for a 65-symbol student against a
-    512-token teacher), and no padded copy is made."""
+    side needs a top-k, not a full sort, and no padded copy is made."""
     k = min(q.shape[-1], p.shape[-1])
 
     def top(x):
-        if x.shape[-1] == k:
-            return x.sort(-1, descending=True).values, 0.0
-        v = x.topk(k, -1).values
-        return v, x.sum(-1) - v.sum(-1)
+        v = _top_desc(x, k)
+        return v, (0.0 if x.shape[-1] == k else x.sum(-1) - v.sum(-1))
 
     (q_k, q_rest), (p_k, p_rest) = top(q), top(p)
     return (q_k - p_k).abs().sum(-1) + q_rest + p_rest
