@@ -211,6 +211,9 @@ def test_observed_store_keeps_one_logprob_per_token(tmp_path):
     torch.testing.assert_close(got, want)
     with pytest.raises(ConfigError, match="stored taps: token_logprob"):
         store.lookup(ids, "logits")
+    store.verify_against(lm, data, n=6)  # recomputes the observed log-probs: they match
+    with pytest.raises(ConfigError, match="do not match"):
+        store.verify_against(_lm(vocab, seed=9), data, n=6)  # another teacher's weights
 
 
 def test_observed_needs_a_target_key_and_no_topk(tmp_path):

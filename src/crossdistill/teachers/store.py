@@ -56,6 +56,7 @@ from .manifest import (
     FORMAT,
     LOGITS,
     MANIFEST,
+    OBSERVED,
     RERUN,
     TOPK_KEYS,
     file_sha256,
@@ -343,6 +344,14 @@ class TeacherStore(nn.Module):
             shape_ok = z.shape[:-1] == lse.shape and z.shape[-1] == m["num_classes"]
             pairs = [] if not shape_ok else [(vals, z.gather(-1, ind)), (lse, z.logsumexp(-1))]
             pairs = [(g, w.half().float()) for g, w in pairs]
+            rtol = 1e-2
+        elif m.get("observed"):  # one log-prob per position: recompute it from the logits
+            from .writer import _observed_logprob
+
+            got = self.lookup(ids, OBSERVED)
+            target = batch[m["observed"]]
+            shape_ok = target.shape == z.shape[:-1] and got.shape == target.shape
+            pairs = [(got, _observed_logprob(z, target))] if shape_ok else []
             rtol = 1e-2
         else:
             got = self.lookup(ids, LOGITS)
