@@ -161,6 +161,17 @@ def cache_key(obj) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+_MEMO: dict = {}
+
+
+def memo(key, make):
+    """``make()`` once per worker process for a JSON-able ``key`` (datasets, probed models)."""
+    key = json.dumps(key, sort_keys=True, default=str)
+    if key not in _MEMO:
+        _MEMO[key] = make()
+    return _MEMO[key]
+
+
 def get_teacher(dataset, arch, data, epochs, cache: Path, train: bool = True):
     """The teacher of ``arch`` trained with CE on the full training split (seed 0) for
     ``epochs`` (None: the dataset's per-architecture schedule), cached under ``cache`` by a

@@ -48,13 +48,13 @@ the six recalls, the val selection metric).
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from hetero import cache_key, memo
 
 import crossdistill as cd
 import crossdistill.condense.repblend  # noqa: F401  (registers repblend, mtt-vl)
@@ -105,18 +105,8 @@ CLAIMS = [
 ]
 
 
-def cache_key(obj) -> str:
-    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-_MEMO: dict = {}
-
-
-def _memo(key, make):
-    key = json.dumps(key, sort_keys=True, default=str)
-    if key not in _MEMO:
-        _MEMO[key] = make()
-    return _MEMO[key]
 
 
 def _head_kw(P: dict) -> dict:
@@ -129,7 +119,7 @@ def splits(P: dict):
         return (cd.data.load(P["images"], "train", limit=P["train_limit"]),
                 cd.data.load(P["images"], "val", limit=P["val_limit"]),
                 cd.data.load(P["images"], "test", limit=P["test_limit"]))
-    return _memo(("splits", P["images"], P["train_limit"], P["val_limit"], P["test_limit"]),
+    return memo(("splits", P["images"], P["train_limit"], P["val_limit"], P["test_limit"]),
                  make)
 
 
@@ -173,7 +163,7 @@ def encoders(P: dict, cache: Path):
         img, m_i = _encoder("top", P, cache)
         txt, m_t = _encoder("bottom", P, cache)
         return PR.PairEncoders(img, "fc:input", txt, "fc:input"), {"top": m_i, "bottom": m_t}
-    return _memo(("enc", {k: v for k, v in P.items() if k.startswith(("enc", "images",
+    return memo(("enc", {k: v for k, v in P.items() if k.startswith(("enc", "images",
                                                                         "train_limit"))},
                   str(cache)), make)
 
@@ -186,7 +176,7 @@ def pair_data(P: dict, cache: Path):
         real = PR.h2_pairs(tr, enc)
         real.features()
         return real, PR.h2_pairs(va, enc).features(), PR.h2_pairs(te, enc).features()
-    return _memo(("pairs", P["images"], P["train_limit"], P["val_limit"], P["test_limit"],
+    return memo(("pairs", P["images"], P["train_limit"], P["val_limit"], P["test_limit"],
                   str(cache), json.dumps(list(P["enc_channels"])), P["enc_steps"]), make)
 
 
@@ -224,7 +214,7 @@ def experts(P: dict, cache: Path):
         PR.save_experts(ex, path)
         path.with_suffix(".json").write_text(json.dumps(meta))
         return ex, meta
-    return _memo(("experts", _expert_cfg(P), str(cache)), make)
+    return memo(("experts", _expert_cfg(P), str(cache)), make)
 
 
 def teachers(P: dict, cache: Path) -> dict:

@@ -45,12 +45,12 @@ uncontended; ``quick`` (1 seed, toy sizes) < 30 s.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
 
 import torch
+from hetero import cache_key, memo
 
 import crossdistill as cd
 from crossdistill.data import multisource as MS
@@ -99,19 +99,9 @@ CLAIMS = [
 ]
 
 
-def cache_key(obj) -> str:
-    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 # -- data -----------------------------------------------------------------------------------
-_MEMO: dict = {}
-
-
-def _memo(key, make):
-    key = json.dumps(key, sort_keys=True, default=str)
-    if key not in _MEMO:
-        _MEMO[key] = make()
-    return _MEMO[key]
 
 
 def _cap(data, n, seed=0):
@@ -123,7 +113,7 @@ def source_data(name: str, P: dict):
         tr = MS.source_domain(name, "train", angle=P["angle"])
         va = MS.source_domain(name, "val", angle=P["angle"])
         return _cap(tr, P["source_limit"]), _cap(va, P["source_limit"])
-    return _memo(("source", name, P["angle"], P["source_limit"]), make)
+    return memo(("source", name, P["angle"], P["source_limit"]), make)
 
 
 def target_data(P: dict, cross: bool = False):
@@ -138,7 +128,7 @@ def target_data(P: dict, cross: bool = False):
         va = _cap(MS.target_split("val", classes=classes), P["val_limit"], 1)
         te = _cap(MS.target_split("test", classes=classes), P["test_limit"], 2)
         return MS.oversample_labelled(tr, P["ratio"]), MS.labelled_part(tr), tr, va, te
-    return _memo(("target", cross, labelled, P["target_limit"], P["val_limit"],
+    return memo(("target", cross, labelled, P["target_limit"], P["val_limit"],
                   P["test_limit"], P["ratio"]), make)
 
 
@@ -227,7 +217,7 @@ def probed_sources(P: dict, cache: Path):
         lab = target_data(P)[1]
         return M.probe_sources(models, lab, score=P["score"], score_params=P["score_params"],
                                weight_decay=P["probe_weight_decay"], num_classes=10)
-    return _memo(("probed", {k: v for k, v in P.items() if k != "seeds"}, str(cache)), make)
+    return memo(("probed", {k: v for k, v in P.items() if k != "seeds"}, str(cache)), make)
 
 
 # -- one cell -------------------------------------------------------------------------------

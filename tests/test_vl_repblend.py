@@ -40,7 +40,9 @@ def test_quick_profile_two_arms(block, tmp_path):
     assert 0.0 <= meta["top"]["val_acc"] <= 1.0 and meta["experts"]["epochs"] == 3
     files = sorted(p.name for p in tmp_path.iterdir())
     assert any(f.startswith("vl_repblend_experts_") for f in files)
-    block._MEMO.clear()  # the second call loads everything from the cache
+    import hetero
+
+    hetero._MEMO.clear()  # the second call loads everything from the cache
     assert block.teachers(P, tmp_path)["experts"] == meta["experts"]
     for arm in ("random-real", "repblend"):
         r = block.run(arm, 0, P, tmp_path)
