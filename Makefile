@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all lint bench-speed bench-hetero bench-condense bench-regression bench-lm bench-lm-peers bench-crossmodal bench-vl clean
+.PHONY: demo test test-all lint bench-speed bench-hetero bench-condense bench-regression bench-lm bench-lm-peers bench-crossmodal bench-vl bench-dense clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -49,6 +49,9 @@ bench-crossmodal: $(STAMP)  # cross-modal and missing-modality KD (issue 13)
 bench-vl: $(STAMP)  # vision-language, retrieval and semi-supervised KD (issue 14)
 	$(BIN)/python -c "import sentence_transformers" 2>/dev/null || $(BIN)/python -m pip install -q -c constraints.txt -e ".[peers]"
 	$(BIN)/python benchmarks/vl.py
+
+bench-dense: $(STAMP)  # segmentation and detection KD on digit canvases (issue 15)
+	$(BIN)/python benchmarks/dense.py
 
 bench-lm-peers: $(STAMP)  # TRL side by side (the optional peers extra)
 	$(BIN)/python -c "import trl" 2>/dev/null || $(BIN)/python -m pip install -q -e ".[peers]"

@@ -11,9 +11,11 @@ from crossdistill.models import MODELS, create, names, tap_paths
 ALL = names()
 AUDIO = [n for n in ALL if MODELS.meta(n).get("family") == "audio"]
 # dense (seg), two-input (fusion), sequence (seq2seq), two-domain (bida) and dual-encoder
-# models have their own contracts, in test_canvas / test_av / test_libs / test_bida / test_dual
-OTHER = [n for n in ALL if MODELS.meta(n).get("family") in ("seg", "fusion", "seq", "dual", "vlm")
-         or n == "bida" or n.startswith("pair-")]  # pair-*: two image halves (test_cprd)
+# models have their own contracts, in test_canvas / test_av / test_libs / test_bida / test_dual;
+# detectors (dict outputs) and EZAD's text-aligned crop encoder in test_detection / test_ezad
+OTHER = [n for n in ALL if MODELS.meta(n).get("family") in ("seg", "fusion", "seq", "dual", "vlm",
+                                                            "det")
+         or n == "bida" or n.startswith(("pair-", "ezad-"))]  # pair-*: two halves (test_cprd)
 IMAGE = [n for n in ALL if n not in AUDIO and n not in OTHER]
 # Standard teacher-sized architectures; everything else must stay CPU-small.
 LARGE = {"resnet32x4": 8_000_000, "vgg11": 10_000_000, "vgg": 4_000_000, "vgg8": 4_000_000,

@@ -13,6 +13,10 @@ dimension, where every loss and metric expects it. ``classes`` keeps only the fi
 ``classes`` entries of the class axis: two LMs of one tokenizer whose embedding tables were
 padded to different sizes (a multiple of 64, say) then score the same vocabulary.
 
+A keyword input whose batch key starts with ``?`` is optional: passed when the batch holds
+the key, left out otherwise (``{"x": "image", "target_queries": "?target_queries"}``: a
+prepare stage adds the key in training; evaluation calls the model without it).
+
 Everything is checked on the first batch (:meth:`ModelIO.check`), with errors that list the
 batch's keys or the output's structure.
 """
@@ -132,9 +136,12 @@ class ModelIO:
 
     @property
     def keys(self) -> list[str]:
+        """The batch keys the model needs (optional ``?`` keys left out)."""
         if self.inputs is None:
             return ["x"]
-        return list(self.inputs.values()) if isinstance(self.inputs, Mapping) else self.inputs
+        if isinstance(self.inputs, Mapping):
+            return [k for k in self.inputs.values() if not k.startswith("?")]
+        return self.inputs
 
     def check_batch(self, batch: Mapping) -> None:
         missing = [k for k in self.keys if k not in batch]
@@ -149,7 +156,12 @@ class ModelIO:
         inputs = self.inputs if self.inputs is not None else ["x"]
         kw = {**self.kwargs, **extra}
         if isinstance(inputs, Mapping):
-            return model(**{arg: batch[key] for arg, key in inputs.items()}, **kw)
+            args = {
+                arg: batch[key.removeprefix("?")]
+                for arg, key in inputs.items()
+                if not key.startswith("?") or key[1:] in batch
+            }
+            return model(**args, **kw)
         return model(*[batch[k] for k in inputs], **kw)
 
     def logits(self, out: Any) -> torch.Tensor:

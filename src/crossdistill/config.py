@@ -146,6 +146,7 @@ _SOURCE_PARAMS = {
     "shakespeare": ("crossdistill.data.text_source:shakespeare_split", ("root",)),
     "shakespeare_pair": ("crossdistill.data.text_pair:shakespeare_pair_split", ("root",)),
     "canvas": ("crossdistill.data.canvas:canvas_dataset", ("n", "root", "seed")),
+    "detection-canvas": ("crossdistill.data.detection:detection_dataset", ("n", "root", "seed")),
     "av": ("crossdistill.data.av:paired_av", ("mnist_root", "seed")),
 }
 

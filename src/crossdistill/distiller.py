@@ -412,6 +412,7 @@ class Distiller(nn.Module):
             return self
         was_training = self.student.training
         self.student.eval()
+        batch = self._build_batch(batch)
         self.io.check_batch(batch)
         self.task.check_batch(batch)  # e.g. evaluation views' keys
         for name, io in self.teacher_io.items():
@@ -473,6 +474,18 @@ class Distiller(nn.Module):
         self._make_plan()
         self.built = True
         return self
+
+    def _build_batch(self, batch: Mapping) -> Mapping:
+        """The dry run's batch: the ``in_build`` prepare stages applied (fixed seed; the
+        run's own prepare draws and counters are untouched)."""
+        stages = [s for s in self.prepare if getattr(s, "in_build", False)]
+        if not stages:
+            return batch
+        batch = dict(batch)
+        gen = torch.Generator(next(iter(batch.values())).device).manual_seed(0)
+        for stage in stages:
+            batch = stage(batch, PrepareState(self, gen))
+        return batch
 
     def _make_plan(self) -> None:
         """What each step needs, resolved once after a build rather than on every step: per

@@ -31,6 +31,9 @@ class Stage(nn.Module):
     """Base class: registered stages are modules so their state rides in checkpoints."""
 
     student_only = False  # True: the teachers see the keys this stage changes unchanged
+    # True: cheap and deterministic, and the models read the keys it adds, so the build's
+    # dry run (shapes, taps, projectors) sees them too (e.g. CLoCKDistill's target queries)
+    in_build = False
 
     def forward(self, batch: dict, state) -> dict:  # pragma: no cover - interface
         raise NotImplementedError

@@ -241,6 +241,26 @@ def _canvas(split, root=None, split_seed=0, n=None, **params):
 
 
 @DATASETS.register(
+    "detection-canvas",
+    description="56x56 canvases of 1-3 non-overlapping MNIST digits, one box + class per "
+    "digit, label maps, degraded views",
+    splits=True,
+    task="detection",
+)
+def _detection_canvas(split, root=None, split_seed=0, n=None, **params):
+    from .detection import detection_dataset
+
+    sizes = {"train": 2000, "val": 400, "test": 400}
+    return detection_dataset(
+        split,
+        int(n or sizes[split]) if not isinstance(n, dict) else n[split],
+        root=root,
+        seed=split_seed,
+        **params,
+    )
+
+
+@DATASETS.register(
     "av",
     description="MNIST images paired with FSDD recordings of the same digit (speaker split)",
     splits=True,

@@ -65,13 +65,32 @@ def augment_batch(batch: dict, kinds: dict, *, shift: int, flip: bool, gen: torc
     keys = [k for k in batch if kinds.get(k) in FILL and batch[k].dim() >= 3]
     if not keys:
         return batch
+    boxes = [k for k in batch if kinds.get(k) == "boxes"]
     b = batch[keys[0]].shape[0]
+    h, w = batch[keys[0]].shape[-2:]
     if shift > 0:
         dx, dy = draw_shift(b, shift, gen)
         for k in keys:
             batch[k] = apply_shift(batch[k], shift, dx, dy, FILL[kinds[k]])
+        for k in boxes:
+            batch[k] = shift_boxes(batch[k], dx - shift, dy - shift, (h, w))
     if flip:
         f = torch.rand(b, generator=gen) < 0.5
         for k in keys:
             batch[k] = _flip(batch[k], f)
+        for k in boxes:
+            x = batch[k]
+            mirrored = torch.stack([w - x[..., 2], x[..., 1], w - x[..., 0], x[..., 3]], -1)
+            batch[k] = torch.where(f.view(-1, 1, 1), mirrored, x)
     return batch
+
+
+def shift_boxes(boxes: torch.Tensor, dx, dy, hw) -> torch.Tensor:
+    """xyxy boxes ``(B, M, 4)`` moved with their image by ``(dx, dy)`` pixels (the content
+    moves by minus the crop offset), clipped to the image; a box pushed fully out keeps zero
+    area, which marks it as padding (:func:`crossdistill.boxes.valid_boxes`)."""
+    off = torch.stack([-dx, -dy, -dx, -dy], -1).to(boxes.dtype)[:, None]
+    x = boxes + off
+    h, w = hw
+    return torch.stack([x[..., 0].clamp(0, w), x[..., 1].clamp(0, h), x[..., 2].clamp(0, w),
+                        x[..., 3].clamp(0, h)], -1)

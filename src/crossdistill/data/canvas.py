@@ -66,9 +66,23 @@ def make_canvases(
     h, w = images.shape[-2:]
     if h > size or w > size:
         raise ConfigError("data.size", size, f"at least the digit size {h}x{w}")
-    count, src, top, left = canvas_plan(len(images), n, size, (h, w), max_digits, seed)
+    plan = canvas_plan(len(images), n, size, (h, w), max_digits, seed)
+    canvas, seg, _, _ = paste(images, labels, plan, size, threshold)
+    return canvas, seg
+
+
+def paste(images, labels, plan, size: int, threshold: float = 0.5):
+    """Canvases, label maps, and per digit its tight ink box ``(n, max_digits, 4)`` (xyxy
+    pixels, far edge exclusive; the whole window if a digit has no ink above ``threshold``)
+    and class ``(n, max_digits)`` (-1 for the unused columns), from a layout ``plan`` =
+    ``(count, src, top, left)`` as :func:`canvas_plan` returns."""
+    count, src, top, left = plan
+    n, m = src.shape
+    h, w = images.shape[-2:]
     canvas = torch.zeros(n, 1, size, size)
     seg = torch.zeros(n, size, size, dtype=torch.long)
+    boxes = torch.zeros(n, m, 4)
+    box_labels = torch.full((n, m), -1, dtype=torch.long)
     imgs = images[:, 0].float().clamp(0, 1)
     for i in range(n):
         for j in range(int(count[i])):
@@ -76,8 +90,16 @@ def make_canvases(
             d = imgs[k]
             win = canvas[i, 0, r : r + h, c : c + w]
             torch.maximum(win, d, out=win)
-            seg[i, r : r + h, c : c + w][d > threshold] = int(labels[k]) + 1
-    return canvas, seg
+            ink = d > threshold
+            seg[i, r : r + h, c : c + w][ink] = int(labels[k]) + 1
+            rows, cols = ink.any(1).nonzero()[:, 0], ink.any(0).nonzero()[:, 0]
+            if len(rows):
+                y1, y2, x1, x2 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+            else:
+                y1, y2, x1, x2 = 0, h, 0, w
+            boxes[i, j] = torch.tensor([c + x1, r + y1, c + x2, r + y2], dtype=torch.float)
+            box_labels[i, j] = int(labels[k])
+    return canvas, seg, boxes, box_labels
 
 
 def canvas_dataset(
@@ -120,6 +142,7 @@ def canvas_dataset(
         "threshold": threshold,
         "root": root,
         "img_size": size,
+        "num_classes": NUM_CLASSES,
         "split_seed": src.info.get("split_seed"),
     }
     if normalize:

@@ -38,7 +38,11 @@ __all__ = [
     "tvd",
 ]
 # registers the cross-tokenizer, cross-modal and disentangling losses
+from . import acam as _acam  # noqa: E402,F401  (registers acam, static_mask)
+from . import clock as _clock  # noqa: E402,F401  (registers CLoCKDistill terms)
 from . import correlation, crossmodal, crosstok, disentangle, domain  # noqa: E402,F401
+from . import detection as _detection  # noqa: E402,F401  (registers centernet, set_loss)
+from . import ezad as _ezad  # noqa: E402,F401  (registers ezad_distill, ezad_detect, ...)
 from . import gssf as _gssf  # noqa: E402,F401  (registers)
 from . import l0 as _l0  # noqa: E402,F401
 from . import libs as _libs  # noqa: E402,F401

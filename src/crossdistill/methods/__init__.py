@@ -72,6 +72,7 @@ def embedding_tap(model: nn.Module, field: str = "method") -> str:
 from . import classic  # noqa: E402,F401  (registers)
 
 __all__ = ["METHODS", "Recipe", "build", "embedding_tap", "stage_tap"]
+from . import acam as _acam  # noqa: E402,F401  (registers acam_kd, static_mask_kd)
 from . import (  # noqa: E402,F401
     any2seg,
     bida,  # noqa: E402,F401
@@ -86,8 +87,11 @@ from . import (  # noqa: E402,F401
     scalekd,
     taid,
 )
+from . import clockdistill as _clockdistill  # noqa: E402,F401  (registers)
 from . import cprd as _cprd  # noqa: E402,F401  (registers)
 from . import dcd as _dcd  # noqa: E402,F401  (registers)
+from . import esp_medsam as _esp_medsam  # noqa: E402,F401  (registers)
+from . import ezad as _ezad  # noqa: E402,F401  (registers)
 from . import gssf as _gssf  # noqa: E402,F401  (registers)
 from . import libs as _libs  # noqa: E402,F401
 from . import llava_kd as _llava_kd  # noqa: E402,F401  (registers)

@@ -59,7 +59,9 @@ def tap_paths(model: nn.Module) -> list[str]:
     return [path for path, _ in model.named_modules() if path]
 from . import bida as _bida  # noqa: E402,F401  (registers bida)
 from . import cross_text as _cross_text  # noqa: E402,F401  (registers)
+from . import detect as _detect  # noqa: E402,F401  (registers centernet-tiny, detr-tiny)
 from . import dual as _dual  # noqa: E402,F401  (registers dual-encoder)
+from . import ezad as _ezad  # noqa: E402,F401  (registers ezad-clip, ezad-centernet)
 from . import l0 as _l0  # noqa: E402,F401  (registers the l0_gates / l0_prune structure ops)
 from . import mini_vlm as _mini_vlm  # noqa: E402,F401  (registers)
 from . import pair as _pair  # noqa: E402,F401  (registers)

@@ -23,6 +23,7 @@ __all__ = [
     "build",
 ]
 from . import cer as _cer  # noqa: E402,F401  (registers cer)
+from . import detection as _detection  # noqa: E402,F401  (registers detection)
 from . import domain as _domain  # noqa: E402,F401  (registers domain_adaptation)
 from . import pair_auc as _pair_auc  # noqa: E402,F401  (registers)
 from . import rerank as _rerank  # noqa: E402,F401  (registers)

@@ -38,8 +38,8 @@ class Task:
         """Raise a ConfigError if ``batch`` lacks a key the task reads (first batch)."""
 
     def check_split(self, data, name: str) -> None:
-        """Raise a ConfigError if evaluation split ``name`` cannot be scored (checked before
-        training, e.g. a retrieval gallery smaller than k)."""
+        """Raise a ConfigError if split ``name`` (train, val or test) cannot be used or
+        scored, before training (a retrieval gallery smaller than k, boxes off the image)."""
 
     def targets(self, batch: Mapping) -> torch.Tensor | None:
         return batch.get(self.target)

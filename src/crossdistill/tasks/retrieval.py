@@ -56,6 +56,8 @@ class Retrieval(Task):
         return []
 
     def check_split(self, data, name: str) -> None:
+        if name == "train":  # only evaluation splits are ranked
+            return
         n = len(data) if hasattr(data, "__len__") else None
         if n is not None and n < max(self.ks):
             raise ConfigError("task.ks", list(self.ks), f"k <= the {name} split's gallery of {n} "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import ConfigError
 from ..registry import TASKS
 from .base import Task, valid_targets
 
@@ -24,6 +25,22 @@ class Segmentation(Task):
     def __init__(self, target: str = "seg", inputs=None, num_classes: int | None = None):
         self.target, self.num_classes = target, num_classes
         self.inputs = inputs if inputs is not None else ["image"]
+
+    def check_split(self, data, name: str) -> None:
+        """Label maps hold only class ids below the task's class count (or the one a data
+        source declares in its ``info``, as the digit canvases do)."""
+        k = self.num_classes or getattr(data, "info", {}).get("num_classes")
+        y = getattr(data, "tensors", {}).get(self.target)
+        if not k or y is None:
+            return
+        ids = y[y != -100]
+        if not ids.numel():
+            return
+        top, low = int(ids.max()), int(ids.min())
+        if top >= k or low < 0:
+            bad = top if top >= k else low
+            raise ConfigError(f"data.{name}.{self.target}", bad,
+                              f"class ids 0..{k - 1} (or -100 for void pixels)")
 
     def update(self, sums, logits, batch, keep=None, out=None):
         y = batch[self.target].to(logits.device)

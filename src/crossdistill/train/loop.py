@@ -169,8 +169,9 @@ class Trainer:
                 "inputs, which random augmentation would make stale: set shift 0 "
                 "and flip false, or use an online teacher",
             )
-        for name, split in (("val", self.val), ("test", self.test)):
-            if split is not None:  # e.g. a retrieval gallery smaller than k: before training
+        splits = (("train", self.train_data), ("val", self.val), ("test", self.test))
+        for name, split in splits:
+            if split is not None:  # a retrieval gallery smaller than k, boxes off the image
                 self.distiller.task.check_split(split, name)
         self.distiller.to(self.device)
         first = next(self.batches.epoch(0))
