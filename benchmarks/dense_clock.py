@@ -35,7 +35,7 @@ TASK = {"name": "detection", "head": "set"}
 PROFILES = {
     "full": dict(size=56, n={"train": 1200, "val": 300, "test": 400}, batch_size=32,
                  lr=1e-3, epochs=30, teacher_epochs=40, t_width=64, s_width=32, queries=6),
-    "quick": dict(size=32, n={"train": 64, "val": 32, "test": 32}, batch_size=16,
+    "quick": dict(size=56, n={"train": 64, "val": 32, "test": 32}, batch_size=16,
                   lr=1e-3, epochs=2, teacher_epochs=2, t_width=32, s_width=16, queries=4),
 }
 COST = {m: 1.0 for m in METHODS}

@@ -40,7 +40,7 @@ PROFILES = {
     "full": dict(size=56, n={"train": 1200, "val": 300, "test": 400}, batch_size=32,
                  lr=3e-3, epochs=20, clip_epochs=6, clip_n=6000, adapt_epochs=12, width=16,
                  k=4),
-    "quick": dict(size=32, n={"train": 64, "val": 32, "test": 32}, batch_size=16,
+    "quick": dict(size=56, n={"train": 64, "val": 32, "test": 32}, batch_size=16,
                   lr=3e-3, epochs=2, clip_epochs=1, clip_n=256, adapt_epochs=1, width=4, k=2),
 }
 COST = {m: 1.0 for m in METHODS}

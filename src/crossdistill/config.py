@@ -147,6 +147,7 @@ _SOURCE_PARAMS = {
     "shakespeare_pair": ("crossdistill.data.text_pair:shakespeare_pair_split", ("root",)),
     "canvas": ("crossdistill.data.canvas:canvas_dataset", ("n", "root", "seed")),
     "detection-canvas": ("crossdistill.data.detection:detection_dataset", ("n", "root", "seed")),
+    "fewshot-canvas": ("crossdistill.data.fewshot:fewshot_dataset", ("n", "root", "seed")),
     "av": ("crossdistill.data.av:paired_av", ("mnist_root", "seed")),
 }
 

@@ -9,6 +9,7 @@ a traceback. Shown values are capped (:func:`show`) and every message is one lin
 from __future__ import annotations
 
 import difflib
+import pickle
 import reprlib
 from collections.abc import Iterable
 
@@ -55,6 +56,24 @@ class ConfigError(ValueError):
     def __init__(self, field: str, value, allowed: str):
         self.field, self.value, self.allowed = field, value, allowed
         super().__init__(f"{one_line(field, 300)}: got {show(value)}; {one_line(allowed)}")
+
+    def __reduce__(self):
+        """Picklable whatever the subclass's ``__init__`` takes (an error raised in a worker
+        process must reach the parent intact, or a multiprocessing pool hangs); a value that
+        cannot be pickled travels as its shown text."""
+        state = dict(self.__dict__)
+        try:
+            pickle.dumps(state.get("value"))
+        except Exception:
+            state["value"] = show(state.get("value"))
+        return _rebuild, (type(self), self.args, state)
+
+
+def _rebuild(cls, args, state):
+    err = cls.__new__(cls)
+    Exception.__init__(err, *args)
+    err.__dict__.update(state)
+    return err
 
 
 def nearest(name: str, options: Iterable[str], n: int = 5) -> list[str]:

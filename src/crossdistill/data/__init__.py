@@ -328,6 +328,7 @@ def load_split(name: str, split: str, *, root=None, split_seed: int = 0, **param
 from . import av_seq as _av_seq  # noqa: E402,F401  (registers av_seq)
 from . import digit_aspects as _digit_aspects  # noqa: E402,F401  (registers)
 from . import digit_vqa as _digit_vqa  # noqa: E402,F401  (registers)
+from . import fewshot as _fewshot  # noqa: E402,F401  (registers fewshot-canvas)
 from . import halves as _halves  # noqa: E402,F401  (registers)
 from . import multisource as _multisource  # noqa: E402,F401  (registers)
 from . import paraphrase as _paraphrase  # noqa: E402,F401  (registers)
