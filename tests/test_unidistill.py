@@ -298,3 +298,35 @@ def test_end_to_end_cross_view(variant):
     if variant in ("unidistill", "feature"):
         assert "unidistill_feature" in d.projectors
     assert not any(k.startswith(("teacher", "projectors")) for k in s.state_dict())
+
+
+# -- the benchmark block -----------------------------------------------------------------------
+def _block():
+    import importlib
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    return importlib.import_module("dense_unidistill")
+
+
+def test_block_interface():
+    B = _block()
+    assert B.BLOCK == "unidistill" and B.BASELINE == "det" and B.BASELINE in B.METHODS
+    assert set(B.PROFILES) == {"full", "quick"}
+    for claim in B.CLAIMS:
+        assert all({a, b} <= set(B.METHODS) for a, b in claim["pairs"])
+    for P in B.PROFILES.values():
+        assert U.view_key(P["view"], "view") == f"image_{P['view']}"
+        assert set(P["views"]) == {"distance", P["view"]}
+        build("unidistill", *_pair(), **P["weights"])  # the weights are valid recipe values
+
+
+@pytest.mark.slow
+def test_block_quick_cells(tmp_path):
+    B = _block()
+    P = B.PROFILES["quick"]
+    assert B.teachers(P, tmp_path)["distance_teacher"]["params"] > 0
+    for m in ("det", "unidistill"):
+        row = B.run(m, 0, P, tmp_path)
+        assert 0.0 <= row["test_map"] <= 1.0 and len(row["val_curve"]) == P["epochs"]

@@ -22,6 +22,8 @@ We did not have the paper's text, so no equation numbers are given.
   ``Y_i = conv3x3_i(X_i)`` (+ BN) has the teacher's width; ``L = sum_i HCL(Y_i, T_i)`` (an
   unweighted sum over stages, as the code). The fusion modules are parameters of the loss:
   they train with the student and are never exported.
+* ``class_weighted_ce`` (:func:`class_weighted_ce`): the paper's task loss, CE weighted per
+  class; :func:`frequency_weights` gives ENet/ERFNet-style weights from label frequencies.
 
 Not copied from the official code: the teacher runs under ``no_grad`` and its features are
 detached (the code's training loop calls the teacher outside ``no_grad``); the FC of the SK
