@@ -36,8 +36,8 @@ BASELINE = "ce"
 METRIC = ("test_miou", "test mIoU", 100.0)
 TASK = {"name": "segmentation", "target": "seg", "num_classes": 11}
 PROFILES = {
-    "full": dict(size=56, n={"train": 560, "val": 250, "test": 400}, batch_size=16,
-                 lr=4e-3, epochs=20, teacher_epochs=24, t_widths=(32, 64, 128, 256),
+    "full": dict(size=56, n={"train": 800, "val": 200, "test": 400}, batch_size=16,
+                 lr=4e-3, epochs=15, teacher_epochs=20, t_widths=(32, 64, 128, 256),
                  s_widths=(16, 32, 64, 128), t_decoder=64, s_decoder=32),
     "quick": dict(size=56, n={"train": 64, "val": 32, "test": 32}, batch_size=16,
                   lr=4e-3, epochs=2, teacher_epochs=2, t_widths=(16, 32, 32, 64),

@@ -20,6 +20,7 @@ from crossdistill.losses.collab_seg import (
     HFDMapLoss,
     Patchify,
     RegionFeatureBSDLoss,
+    TokensUp,
     at_positions,
     bsd_pixel,
     bsd_region_map,
@@ -117,6 +118,7 @@ def test_region_index_and_selection():
     assert region_index(5, 3, 2).tolist() == [[0, 0, 1], [0, 0, 1], [0, 0, 1], [2, 2, 3],
                                               [2, 2, 3]]
     za, zb, y = _region_maps()
+    za, zb = F.log_softmax(za, -1), F.log_softmax(zb, -1)
     a_wins, b_wins = region_selection(za, zb, y, 2)
     assert a_wins.tolist() == [[1.0, 0.0, 1.0, 0.0]] and b_wins.tolist() == [[0.0, 1.0, 0.0, 0.0]]
     a_wins, b_wins = region_selection(za, zb, y, 1)  # CE_a ln(32/9) < CE_b ln(16/3)
@@ -200,7 +202,7 @@ def test_hfd_map_bridges_and_value():
     cnn, vit = (2, 3, 8, 8), (2, 4, 6)  # a (3, 8, 8) map and 4 tokens of width 6 (2 x 2 grid)
     loss = HFDMapLoss([cnn, vit])
     assert isinstance(loss.ab, Patchify) and loss.ab.proj.kernel_size == (4, 4)
-    assert type(loss.ba).__name__ == "TokensToMap"  # reshape + 1x1 conv + BN + upsampling
+    assert isinstance(loss.ba, TokensUp)  # reshape + 1x1 conv + BN + upsampling
     fa, fb = torch.randn(*cnn), torch.randn(*vit)
     assert loss.ab(fa).shape == vit and loss.ba(fb).shape == cnn
     ref = F.mse_loss(loss.ab(fa), fb) + F.mse_loss(loss.ba(fb), fa)  # HFDLoss's maths
@@ -253,7 +255,7 @@ def test_gradchecks_float64():
             lambda a, b, T=T, c=compare: bsd_pixel([a, b], y=y, temperature=T, compare=c),
             lambda a, b, T=T, ma=ma, mb=mb: T * T * (ma * _kl(a0, b, T) + mb * _kl(b0, a, T)),
             (za, zb))
-    a_wins, b_wins = region_selection(a0, b0, y, 2)
+    a_wins, b_wins = region_selection(F.log_softmax(a0, -1), F.log_softmax(b0, -1), y, 2)
     ma, mb = (at_positions(w, 4, 4, 2) * lab for w in (a_wins, b_wins))
     _pupil_gradcheck(
         lambda a, b: bsd_region_map([a, b], y=y, grid=2, temperature=1.5),

@@ -318,7 +318,8 @@ def test_recipe_errors_and_registration():
         build("gcp_sad", s, t, taps=["enc1", "enc3"], weights=[1.0])
     with pytest.raises(ConfigError, match="gcp.layers"):
         build("gcp_sad", s, t, layers=["head"])
-    r = build("gcp_sad", s, t, input_size=16, taps=["enc1", "enc3"], head_kd=0.5)
+    r = build("gcp_sad", s, t, input_size=16, taps=["enc1", "enc3"], head_kd=0.5,
+              sad_beta=1.0)
     # b = sad_beta * H * W at the probe size: 16x16 and 4x4 maps
     assert [(x.loss, x.weight) for x in r.terms] == [("ce", 1.0), ("sad", 256.0),
                                                       ("sad", 16.0), ("kd", 0.5)]

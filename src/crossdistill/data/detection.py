@@ -7,8 +7,11 @@ pixels (far edge exclusive; kind boxes), ``box_labels`` ``(M,)`` digit class 0..
 (padding; kind label), ``idx``. ``M`` = ``max_digits``, the most objects on any canvas.
 
 Digits do not overlap by default (``overlap=False``: windows placed by seeded rejection
-sampling), so every box holds one digit's ink. Views (computed on the raw [0, 1] canvas, then
-standardised by the statistics of a fixed reference set, as ``canvas_dataset`` does):
+sampling), so every box holds one digit's ink. Each digit is the central ``crop`` x ``crop``
+(default 24) of its 28x28 MNIST frame: 99.8 % of the ink, and 1.7 digits per 56x56 canvas on
+average at ``max_digits=3`` (whole frames fit two on a canvas too rarely: 1.09).
+Views (computed on the raw [0, 1] canvas, then standardised by the statistics of a fixed
+reference set, as ``canvas_dataset`` does):
 
 * ``clean``: the canvas; ``blur``: a Gaussian blur (sigma 1.5); ``lowres``: 4x average-pooled
   and upsampled back (nearest); ``edge``: Sobel gradient magnitude; ``noisy``: blur plus
@@ -55,11 +58,12 @@ def separated_plan(
     count = torch.zeros(n, dtype=torch.long)
     rs = torch.randint(0, size - h + 1, (n, max_digits, tries), generator=g)
     cs = torch.randint(0, size - w + 1, (n, max_digits, tries), generator=g)
+    rs, cs, want = rs.tolist(), cs.tolist(), want.tolist()  # Python ints: 15x faster loop
     for i in range(n):
         placed: list[tuple[int, int]] = []
-        for j in range(int(want[i])):
+        for j in range(want[i]):
             for t in range(tries):
-                r, c = int(rs[i, j, t]), int(cs[i, j, t])
+                r, c = rs[i][j][t], cs[i][j][t]
                 if all(abs(r - r2) >= h or abs(c - c2) >= w for r2, c2 in placed):
                     placed.append((r, c))
                     break
@@ -160,6 +164,20 @@ def detection_canvases(
     return paste(images, labels, plan, size, threshold)
 
 
+def _check_crop(crop, side: int) -> int:
+    if isinstance(crop, bool) or not isinstance(crop, int) or not 8 <= crop <= side:
+        raise ConfigError("data.crop", crop, f"an int in 8..{side} (the digit window's side)")
+    return crop
+
+
+def _central(x: torch.Tensor, crop: int) -> torch.Tensor:
+    """The central ``crop`` x ``crop`` window of each digit. MNIST centres each digit's mass
+    in a 28x28 frame with empty margins; 24x24 keeps 99.8 % of the ink (threshold 0.5) and
+    lets 2-3 digits share a 56x56 canvas without overlap (whole frames rarely fit two)."""
+    m = (x.shape[-1] - crop) // 2
+    return x[..., m:m + crop, m:m + crop]
+
+
 def detection_dataset(
     split: str,
     n: int,
@@ -173,6 +191,7 @@ def detection_dataset(
     overlap: bool = False,
     labelled_classes: list[int] | None = None,
     normalize: bool = True,
+    crop: ImgSize = 24,
 ) -> Dataset:
     """``n`` detection canvases from the digits of MNIST split ``split`` (module doc)."""
     from . import SPLITS, load
@@ -189,9 +208,10 @@ def detection_dataset(
             raise ConfigError("data.labelled_classes", bad or labelled_classes,
                               "a non-empty list of digits 0..9")
     src = load("mnist", split, root=root, normalize=False)
+    crop = _check_crop(crop, src.x.shape[-1])
     split_seed = int(seed) * 1_000_003 + SPLITS.index(split)
     canvas, seg, boxes, box_labels = detection_canvases(
-        src.x, src.y, n, size, max_digits, split_seed, threshold, overlap
+        _central(src.x, crop), src.y, n, size, max_digits, split_seed, threshold, overlap
     )
     if labelled_classes is not None:
         keep = torch.isin(box_labels, torch.tensor(labelled_classes))
@@ -199,7 +219,8 @@ def detection_dataset(
     ref = None
     if normalize:
         train = src if split == "train" else load("mnist", "train", root=root, normalize=False)
-        ref, *_ = detection_canvases(train.x, train.y, NORM_CANVASES, size, max_digits, 0,
+        ref, *_ = detection_canvases(_central(train.x, crop), train.y, NORM_CANVASES, size,
+                                     max_digits, 0,
                                      threshold, overlap)
     tensors, kinds, info = {}, {}, {"views": {}}
     for v in ["clean", *[v for v in views if v != "clean"]]:
@@ -216,7 +237,7 @@ def detection_dataset(
     info.update(
         construction=f"{size}x{size} canvases with 1..{max_digits} MNIST '{split}' digits "
         f"({'overlapping' if overlap else 'non-overlapping'}), one tight ink box per digit",
-        size=size, max_digits=max_digits, seed=seed, threshold=threshold, root=root,
+        size=size, max_digits=max_digits, seed=seed, threshold=threshold, root=root, crop=crop,
         img_size=size, max_objects=max_digits, labelled_classes=labelled_classes,
         num_classes=10,
     )

@@ -34,7 +34,7 @@ pixels. ``T`` is the distillation temperature; selection always uses the T = 1 p
   same two-way MSE with detached targets) with the paper's bridges: CNN -> ViT a conv
   patchify (kernel = stride = the size ratio, i.e. a linear map of each patch, as a ViT's
   patch embedding) to the transformer's tokens; ViT -> CNN the tokens reshaped to their map,
-  1x1 conv (+ BN) and bilinear upsampling to the CNN map (the ``tokens_to_map`` projector).
+  1x1 conv (+ BN) and bilinear upsampling to the CNN map.
 """
 
 from __future__ import annotations
@@ -78,12 +78,21 @@ def _check_grid(name: str, grid, h: int, w: int) -> int:
     return grid
 
 
-def mutual_kl(a: Tensor, b: Tensor, a_teaches: Tensor, b_teaches: Tensor,
-              temperature: float) -> Tensor:
-    """``T^2 [ a_teaches KL(sg p_a^T || p_b^T) + b_teaches KL(sg p_b^T || p_a^T) ]`` per
-    position, for (..., K) logits and (...) float masks."""
+def log_probs(a: Tensor, b: Tensor, temperature: float) -> tuple[Tensor, ...]:
+    """``(log p_a, log p_b, log p_a^T, log p_b^T)`` of two logits (the T = 1 pair is reused
+    at T = 1: per-pixel softmaxes dominate these losses' cost)."""
+    la, lb = F.log_softmax(a, -1), F.log_softmax(b, -1)
+    if float(temperature) == 1.0:
+        return la, lb, la, lb
     T = float(temperature)
-    la, lb = F.log_softmax(a / T, -1), F.log_softmax(b / T, -1)
+    return la, lb, F.log_softmax(a / T, -1), F.log_softmax(b / T, -1)
+
+
+def mutual_kl(la: Tensor, lb: Tensor, a_teaches: Tensor, b_teaches: Tensor,
+              temperature: float) -> Tensor:
+    """``T^2 [ a_teaches KL(sg p_a || p_b) + b_teaches KL(sg p_b || p_a) ]`` per position,
+    for (..., K) log-probabilities at temperature T and (...) float masks."""
+    T = float(temperature)
     return (a_teaches * kl(la.detach(), lb) + b_teaches * kl(lb.detach(), la)) * (T * T)
 
 
@@ -97,25 +106,25 @@ def region_index(h: int, w: int, grid: int, device=None) -> Tensor:
 
 
 @torch.no_grad()
-def region_selection(za: Tensor, zb: Tensor, y: Tensor, grid: int) -> tuple[Tensor, Tensor]:
+def region_selection(la: Tensor, lb: Tensor, y: Tensor, grid: int) -> tuple[Tensor, Tensor]:
     """Which peer teaches each region: ``(a_wins, b_wins)``, float (B, grid * grid), from the
-    class-last logits (B, H, W, K) and labels (B, H, W). A peer wins a region when its summed
-    (equivalently, mean) CE over the region's labelled pixels is the lower; a region with no
-    labelled pixel, or a tie, is won by neither."""
-    b, h, w, _ = za.shape
+    class-last T = 1 log-probabilities (B, H, W, K) and labels (B, H, W). A peer wins a
+    region when its summed (equivalently, mean) CE over the region's labelled pixels is the
+    lower; a region with no labelled pixel, or a tie, is won by neither."""
+    b, h, w, _ = la.shape
     lab = y != -100
     yy = y.clamp_min(0).unsqueeze(-1)
-    ce_a = -F.log_softmax(_upcast(za), -1).gather(-1, yy)[..., 0] * lab
-    ce_b = -F.log_softmax(_upcast(zb), -1).gather(-1, yy)[..., 0] * lab
-    rid = region_index(h, w, grid, za.device).flatten().expand(b, -1)
+    ce_a = -la.gather(-1, yy)[..., 0] * lab
+    ce_b = -lb.gather(-1, yy)[..., 0] * lab
+    rid = region_index(h, w, grid, la.device).flatten().expand(b, -1)
     r = grid * grid
 
     def per_region(v: Tensor) -> Tensor:
         return v.new_zeros(b, r).scatter_add_(1, rid, v.flatten(1).to(v.dtype))
 
-    sa, sb, n = per_region(ce_a), per_region(ce_b), per_region(lab.float())
+    sa, sb, n = per_region(ce_a), per_region(ce_b), per_region(lab.to(la.dtype))
     has = n > 0
-    return (has & (sa < sb)).to(za.dtype), (has & (sb < sa)).to(za.dtype)
+    return (has & (sa < sb)).to(la.dtype), (has & (sb < sa)).to(la.dtype)
 
 
 def at_positions(region_mask: Tensor, h: int, w: int, grid: int) -> Tensor:
@@ -143,14 +152,15 @@ def bsd_pixel(s, t=None, *, y: Tensor, temperature: Temperature = 1.0,
         raise ConfigError("bsd_pixel.compare", compare, "true or false")
     a, b = _upcast(a), _upcast(b)
     y = _check_labels("bsd_pixel", a, y)
+    la, lb, la_t, lb_t = log_probs(a, b, temperature)
     with torch.no_grad():
         lab = y != -100
         a_right = (a.argmax(-1) == y) & lab
         b_right = (b.argmax(-1) == y) & lab
         if compare:  # hetero's lower-CE selection (= higher true-class probability)
-            a_better, b_better = _selection(F.log_softmax(a, -1), F.log_softmax(b, -1), y)
+            a_better, b_better = _selection(la.detach(), lb.detach(), y)
             a_right, b_right = a_right & (a_better > 0), b_right & (b_better > 0)
-    return mutual_kl(a, b, a_right.to(a.dtype), b_right.to(a.dtype), temperature)
+    return mutual_kl(la_t, lb_t, a_right.to(a.dtype), b_right.to(a.dtype), temperature)
 
 
 # -- region-wise BSD, logits -----------------------------------------------------------------
@@ -175,10 +185,11 @@ def bsd_region_map(s, t=None, *, y: Tensor, grid: Depth = 4,
     y = _check_labels("bsd_region_map", a, y)
     h, w = a.shape[1:3]
     grid = _check_grid("bsd_region_map", grid, h, w)
-    a_wins, b_wins = region_selection(a, b, y, grid)
+    la, lb, la_t, lb_t = log_probs(a, b, temperature)
+    a_wins, b_wins = region_selection(la.detach(), lb.detach(), y, grid)
     lab = (y != -100).to(a.dtype)
     a_t, b_t = (at_positions(m, h, w, grid) * lab for m in (a_wins, b_wins))
-    return mutual_kl(a, b, a_t, b_t, temperature)
+    return mutual_kl(la_t, lb_t, a_t, b_t, temperature)
 
 
 # -- region-wise BSD, features ---------------------------------------------------------------
@@ -225,7 +236,8 @@ class RegionFeatureBSDLoss(nn.Module):
     def forward(self, s, t=None, *, y=None, idx=None, **_) -> Tensor:
         fa, fb, za, zb = s
         y = _check_labels("bsd_region_feat", za, y)
-        a_wins, b_wins = region_selection(za.detach(), zb.detach(), y, self.grid)
+        la, lb = (F.log_softmax(_upcast(z.detach()), -1) for z in (za, zb))
+        a_wins, b_wins = region_selection(la, lb, y, self.grid)
         fa, fb = _as_map(_upcast(fa)), _as_map(_upcast(fb))
         out = fa.new_zeros(())
         for src, tgt, proj, wins in ((fa, fb, self.ab, b_wins), (fb, fa, self.ba, a_wins)):
@@ -262,6 +274,29 @@ class Patchify(nn.Module):
         return y.flatten(2).transpose(1, 2) if self.tokens else y
 
 
+class TokensUp(nn.Module):
+    """Square-grid tokens ``(N, D)`` -> a finer map ``(C, H, W)``: tokens reshaped to their
+    map, 1x1 conv + BN to C channels, then bilinear upsampling (hetero's ``tokens_to_map``
+    upsamples first and convolves at full resolution: the same maps up to where BN sits, at a
+    fraction of the cost)."""
+
+    def __init__(self, s_shape, t_shape):
+        super().__init__()
+        self.size = tuple(t_shape[1:])
+        self.proj = nn.Sequential(nn.Conv2d(s_shape[1], t_shape[0], 1, bias=False),
+                                  nn.BatchNorm2d(t_shape[0]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return P.resize_map(self.proj(P.tokens_to_map(x)), self.size)
+
+
+def _upsamples(s_shape, t_shape) -> bool:
+    """Square-grid tokens (no cls token) bridged to a map of a finer grid."""
+    g = P.grid_of(s_shape[0]) if len(s_shape) == 2 else None
+    return (g is not None and not g[1] and len(t_shape) == 3 and t_shape[1] >= g[0]
+            and t_shape[2] >= g[0])
+
+
 def _patchifies(s_shape, t_shape) -> bool:
     """A map bridged to tokens, or to a map of a coarser grid by an integer factor."""
     if len(s_shape) != 3:
@@ -283,8 +318,9 @@ class HFDMapLoss(HFDLoss):
     """HFD between a CNN's and a ViT's low-layer features (module doc): hetero's
     :class:`~crossdistill.losses.hetero.HFDLoss` (``MSE(P_ab(F_a), sg F_b) + MSE(P_ba(F_b),
     sg F_a)``) whose map -> tokens (or map -> coarser map) bridge is a conv patchify
-    (:class:`Patchify`) instead of pooling + 1x1 conv; every other pair of shapes uses
-    HFDLoss's ``"auto"`` projectors (tokens -> map: reshape, 1x1 conv + BN, upsampling).
+    (:class:`Patchify`) instead of pooling + 1x1 conv, and whose tokens -> finer map bridge
+    convolves before it upsamples (:class:`TokensUp`); every other pair of shapes uses
+    HFDLoss's ``"auto"`` projectors.
 
     ``s``: ``[F_a, F_b]`` (a multi-tap term with no teacher)."""
 
@@ -295,4 +331,6 @@ class HFDMapLoss(HFDLoss):
     def _build(name, s_shape, t_shape):
         if _patchifies(tuple(s_shape), tuple(t_shape)):
             return Patchify(tuple(s_shape), tuple(t_shape))
+        if _upsamples(tuple(s_shape), tuple(t_shape)):
+            return TokensUp(tuple(s_shape), tuple(t_shape))
         return HFDLoss._build(name, s_shape, t_shape)
