@@ -103,7 +103,8 @@ def _pair(method: str, seed: int, P: dict) -> dict:
     t.fit()
     picked = best.restore()
     test = evaluate_members(pair, te, TASK)
-    params = {n: sum(p.numel() for p in pair[n].parameters()) for n in pair.names}
+    params = {n: sum(v.numel() for v in pair[n].state_dict().values() if v.is_floating_point())
+              for n in pair.names}  # counted as the trainer counts a lone student
     rows = [{"method": f"{method}:{MEMBERS[n]}", "test_miou": test[n]["miou"],
              "test_pixel_acc": test[n]["pixel_acc"], "val_curve": best.curves[n],
              "best_epoch": picked[n][1], "epochs": P["epochs"], "student_params": params[n]}

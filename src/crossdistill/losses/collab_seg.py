@@ -31,7 +31,7 @@ pixels. ``T`` is the distillation temperature; selection always uses the T = 1 p
   sg F_a)^2``. Projectors: 1x1 conv + BN resized to the other's grid (tokens first reshaped
   to their square map); they train with the pair.
 * ``hfd_map`` (stateful; HFD for maps): :class:`~crossdistill.losses.hetero.HFDLoss` (the
-  same two-way MSE with detached targets) with the paper's bridges: CNN -> ViT a conv
+  same two-way MSE with detached targets) with the bridges methods/dense.md names: CNN -> ViT a conv
   patchify (kernel = stride = the size ratio, i.e. a linear map of each patch, as a ViT's
   patch embedding) to the transformer's tokens; ViT -> CNN the tokens reshaped to their map,
   1x1 conv (+ BN) and bilinear upsampling to the CNN map.
