@@ -36,11 +36,11 @@ BASELINE = "ce"
 METRIC = ("test_miou", "test mIoU", 100.0)
 TASK = {"name": "segmentation", "target": "seg", "num_classes": 11}
 PROFILES = {
-    "full": dict(size=56, n={"train": 800, "val": 200, "test": 400}, batch_size=16,
-                 lr=4e-3, epochs=15, teacher_epochs=20, t_widths=(32, 64, 128, 256),
+    "full": dict(size=56, n={"train": 800, "val": 200, "test": 400}, batch_size=8,
+                 lr=6e-3, epochs=15, teacher_epochs=16, t_widths=(32, 64, 128, 256),
                  s_widths=(16, 32, 64, 128), t_decoder=64, s_decoder=32),
     "quick": dict(size=56, n={"train": 64, "val": 32, "test": 32}, batch_size=16,
-                  lr=4e-3, epochs=2, teacher_epochs=2, t_widths=(16, 32, 32, 64),
+                  lr=6e-3, epochs=2, teacher_epochs=2, t_widths=(16, 32, 32, 64),
                   s_widths=(8, 16, 16, 32), t_decoder=16, s_decoder=16),
 }
 COST = {"ce": 1.0, "hcl": 1.4, "transkd": 1.5}
