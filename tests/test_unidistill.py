@@ -281,7 +281,7 @@ def test_same_model_same_view_scores_zero():
     out = d(batch)
     for k, v in out.losses.items():
         if k != "centernet":
-            assert float(v) == pytest.approx(0.0, abs=1e-6), k
+            assert float(v.detach()) == pytest.approx(0.0, abs=1e-6), k
 
 
 @pytest.mark.parametrize("variant", U.VARIANTS)

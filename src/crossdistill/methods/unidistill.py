@@ -27,9 +27,11 @@ official code's bugs (teacher heatmap through ``sigmoid(hm / 2)`` against the st
 one; the teacher's weights reloaded from disk every step; a half-pixel shift in the keypoint
 sampling) are not copied (see the losses' module doc).
 
-Weights: the paper's defaults are the defaults. They were tuned for BEV maps; our maps'
-scales differ (see ``benchmarks/dense_unidistill.py`` for the values its block uses and why),
-so every weight is a parameter. ``variant`` keeps one term for the ablations: ``"feature"``,
+Weights: the paper's are the defaults, every one a parameter. Our maps are not BEV maps:
+``benchmarks/dense_unidistill.py`` keeps 100 and 40 but runs the two response terms at 1
+(CenterNet's size / offset maps are trained only at the centre cell, so off it, where a
+third of the Gaussian's weight lies, the teacher's regressions are unsupervised; its
+docstring has the pilot). ``variant`` keeps one term for the ablations: ``"feature"``,
 ``"relation"``, ``"response"`` (heatmap + regression) or ``"unidistill"`` (all three).
 """
 
