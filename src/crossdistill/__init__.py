@@ -35,3 +35,4 @@ __all__ = [
     "models",
     "projectors",
 ]
+from . import prune as _prune  # noqa: E402,F401  (registers the slice_inputs structure op for replays)
